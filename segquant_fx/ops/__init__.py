@@ -46,8 +46,8 @@ from segquant_fx.ops.formats import (
 from segquant_fx.ops.kernel_preference import (
     KernelPreference,
     get_kernel_preference,
-    kernel_preference,
     set_kernel_preference,
+    use_kernel_preference,
 )
 from segquant_fx.ops.library import has_cuda_impl, register_cuda_impl
 from segquant_fx.ops.reference import NO_QUANT, OP_NAMES
@@ -73,7 +73,7 @@ __all__ = [
     "KernelPreference",
     "get_kernel_preference",
     "set_kernel_preference",
-    "kernel_preference",
+    "use_kernel_preference",
     "register_cuda_impl",
     "has_cuda_impl",
     "library",

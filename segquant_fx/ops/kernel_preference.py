@@ -10,7 +10,7 @@ CPU tensors always run the pure-PyTorch reference. For CUDA tensors:
 
 The process-wide default comes from the environment variable ``SEGQUANT_KERNEL_PREFERENCE``
 (``auto``, ``cuda`` or ``reference``; read on first use) and can be changed with
-:func:`set_kernel_preference` or, for a block, the :func:`kernel_preference` context manager.
+:func:`set_kernel_preference` or, for a block, the :func:`use_kernel_preference` context manager.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ __all__ = [
     "ENV_VAR",
     "get_kernel_preference",
     "set_kernel_preference",
-    "kernel_preference",
+    "use_kernel_preference",
 ]
 
 #: Environment variable holding the initial preference.
@@ -96,11 +96,11 @@ def set_kernel_preference(preference: KernelPreference | str) -> KernelPreferenc
 
 
 @contextlib.contextmanager
-def kernel_preference(preference: KernelPreference | str) -> Iterator[KernelPreference]:
+def use_kernel_preference(preference: KernelPreference | str) -> Iterator[KernelPreference]:
     """Use ``preference`` inside a ``with`` block and restore the previous one afterwards.
 
     Example:
-        >>> with kernel_preference("reference") as p:
+        >>> with use_kernel_preference("reference") as p:
         ...     p
         <KernelPreference.REFERENCE: 'reference'>
     """
