@@ -129,12 +129,16 @@ def _check_signature(model: torch.nn.Module, args: tuple, kwargs: dict) -> None:
         sig = inspect.signature(model.forward)
     except (TypeError, ValueError):  # builtins or C++ modules: nothing to check
         return
+    params = sig.parameters
+    takes_var_kw = any(p.kind == p.VAR_KEYWORD for p in params.values())
+    unexpected = [k for k in kwargs if k not in params and not takes_var_kw]
     try:
         sig.bind(*args, **kwargs)
     except TypeError as e:
-        params = ", ".join(sig.parameters)
+        names = ", ".join(params)
+        what = f"unexpected argument(s) {', '.join(map(repr, unexpected))}" if unexpected else str(e)
         raise CaptureError(
-            f"example does not fit {type(model).__name__}.forward({params}): {e}. "
+            f"example does not fit {type(model).__name__}.forward({names}): {what}. "
             "Pass the example as a dict keyed by forward's parameter names."
         ) from None
 

@@ -25,7 +25,14 @@ import torch
 from torch import fx
 
 from segquant_fx.capture import node_module
-from segquant_fx.graph.fx_utils import get_arg, is_tensor_node, normalize_dim, shape_of, static_int, target_name
+from segquant_fx.graph.fx_utils import (
+    get_arg,
+    is_tensor_node,
+    normalize_dim,
+    shape_of,
+    static_int,
+    target_name,
+)
 
 __all__ = ["Transparency", "DEFAULT_TRANSPARENCY", "GraphView"]
 

@@ -1,5 +1,7 @@
-"""``activation_to_linear``: a linear whose input comes from SiLU / GELU (any ``approximate``) or a
-gated product -> **DualScale** (separate scales for the positive and negative parts of the input).
+"""``activation_to_linear``: SiLU / GELU / gated product feeding a linear -> DualScale.
+
+The linear's input comes from SiLU, GELU (any ``approximate``) or a gated product, so it gets
+**DualScale**: separate scales for the positive and negative parts of the input.
 
 SiLU outputs lie in about [-0.28, inf) and GELU in about [-0.17, inf): one symmetric scale leaves the
 narrow negative side only a handful of levels. DualScale gives each side its own grid.
@@ -116,7 +118,7 @@ def _plan(m: Match, view) -> PlanContribution:
         kinds = [activation_kind(view, p) for p in pieces]
         sizes = _cat_sizes(cat, linear_features(view.fx(m.anchor))[0])
         # empty pieces were dropped from the sizes; keep flags aligned with non-empty pieces
-        flags = tuple(k is not None for k, t in zip(kinds, cat.args[0]) if _nonempty(t))
+        flags = tuple(k is not None for k, t in zip(kinds, cat.args[0], strict=False) if _nonempty(t))
         if sizes is None or len(flags) != len(sizes):
             flags = tuple(k is not None for k in kinds)
         return PlanContribution(

@@ -195,5 +195,5 @@ def _constraints(view: GraphView, pattern: Pattern, m: Match, owned: dict[str, s
 
 
 def _outside_msg(node: str, outside: tuple[str, ...], targets: tuple[str, ...]) -> str:
-    uses = ", ".join(f"{o} ({t})" for o, t in zip(outside, targets))
+    uses = ", ".join(f"{o} ({t})" for o, t in zip(outside, targets, strict=True))
     return f"{node} is also used outside the pattern by {uses}"

@@ -1,0 +1,115 @@
+"""Command line: ``segquant-fx <command>``.
+
+Commands:
+
+* ``inspect --model NAME|path/to/file.py:factory [--json] [--debug] [--batch-size N] [--patterns a,b]``:
+  capture the model and print its SegQuant pattern report. ``NAME`` is a built-in config
+  (``segquant-fx inspect --list``); a user factory returns ``(model, example)`` or a model, in which
+  case the file must also define ``example_inputs()``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import sys
+from pathlib import Path
+from typing import Any
+
+from segquant_fx.errors import SegQuantError
+
+__all__ = ["main", "load_model_arg"]
+
+
+def load_model_arg(spec: str, batch_size: int = 1) -> tuple[Any, Any]:
+    """Resolve ``--model``: a built-in name, or ``file.py:factory``.
+
+    Raises:
+        SegQuantError: If the name is unknown, the file or factory is missing, or the factory returns
+            something else than a model (with an example).
+    """
+    from segquant_fx.errors import ConfigError
+
+    if ":" in spec and spec.split(":", 1)[0].endswith(".py"):
+        path_s, factory_name = spec.rsplit(":", 1)
+        path = Path(path_s)
+        if not path.is_file():
+            raise ConfigError(f"--model {spec!r}: file {path} does not exist")
+        mod_spec = importlib.util.spec_from_file_location(f"_segquant_user_{path.stem}", path)
+        module = importlib.util.module_from_spec(mod_spec)  # type: ignore[arg-type]
+        mod_spec.loader.exec_module(module)  # type: ignore[union-attr]
+        factory = getattr(module, factory_name, None)
+        if not callable(factory):
+            raise ConfigError(f"--model {spec!r}: {path} has no callable {factory_name!r}")
+        out = factory()
+        if isinstance(out, tuple) and len(out) == 2:
+            return out
+        example_fn = getattr(module, "example_inputs", None)
+        if example_fn is None:
+            raise ConfigError(
+                f"--model {spec!r}: {factory_name}() returned a {type(out).__name__}; return (model, example) "
+                "or define example_inputs() in the file"
+            )
+        return out, example_fn()
+    from segquant_fx.models import build_model
+
+    return build_model(spec, batch_size=batch_size)
+
+
+def _cmd_inspect(args: argparse.Namespace) -> int:
+    from segquant_fx.report import find_patterns
+
+    if args.list:
+        from segquant_fx.models import MODELS
+
+        for name, spec in MODELS.items():
+            print(f"{name:24s} {'(full size) ' if spec.full else ''}{spec.description}")
+        return 0
+    if not args.model:
+        print("segquant-fx inspect: --model is required (or --list)", file=sys.stderr)
+        return 2
+    model, example = load_model_arg(args.model, args.batch_size)
+    patterns = args.patterns.split(",") if args.patterns else None
+    report = find_patterns(model, example, patterns=patterns, debug=args.debug, dynamic=not args.static)
+    if args.json:
+        print(report.to_json())
+    else:
+        print(report.to_markdown())
+        if args.debug and report.rejections:
+            print("Rejected candidates:")
+            for r in report.rejections:
+                print(f"- {r}")
+        t = report.timings
+        print(f"capture {t['capture']:.2f} s, matching {t['matching']:.2f} s")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of ``segquant-fx``."""
+    parser = argparse.ArgumentParser(prog="segquant-fx", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("inspect", help="print the SegQuant pattern report of a model")
+    p.add_argument("--model", help="built-in name (see --list) or path/to/file.py:factory")
+    p.add_argument("--list", action="store_true", help="list the built-in models")
+    p.add_argument("--json", action="store_true", help="print JSON instead of Markdown")
+    p.add_argument("--debug", action="store_true", help="also print rejected candidates and why")
+    p.add_argument("--batch-size", type=int, default=1)
+    p.add_argument("--patterns", help="comma-separated pattern names (default: all registered)")
+    p.add_argument("--static", action="store_true", help="capture with static shapes")
+    p.set_defaults(func=_cmd_inspect)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``segquant-fx`` script; returns the exit code."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except SegQuantError as e:
+        print(f"segquant-fx {args.command}: error: {e}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
