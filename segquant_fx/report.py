@@ -101,7 +101,9 @@ class PatternReport:
         layers: Module FQN -> :class:`LayerPlan`, for every linear in the graph.
         convs: Module FQN -> :class:`ConvReport` for convs fed by a channel concat.
         counts: Pattern name -> number of accepted matches.
-        node_plans: Graph node name -> plan (what the annotate pass consumes).
+        node_plans: Graph node name -> plan.
+        node_matches: Graph node name -> the matches anchored there (what the annotate pass consumes,
+            so per-layer configs can select patterns without matching again).
         rejections: Rejected candidates with reasons (only with ``debug=True``).
         timings: Seconds spent in ``capture`` and ``matching``.
     """
@@ -111,6 +113,7 @@ class PatternReport:
     convs: dict[str, ConvReport] = field(default_factory=dict)
     counts: dict[str, int] = field(default_factory=dict)
     node_plans: dict[str, LayerPlan] = field(default_factory=dict)
+    node_matches: dict[str, list[Match]] = field(default_factory=dict)
     rejections: list[Rejection] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=dict)
 
@@ -318,6 +321,7 @@ def find_patterns(
         convs=convs,
         counts=dict(counts),
         node_plans=node_plans,
+        node_matches=dict(by_anchor),
         rejections=list(rejections or ()),
         timings={"capture": t1 - t0, "matching": t2 - t1},
     )

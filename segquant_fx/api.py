@@ -1,0 +1,230 @@
+"""``quantize()``: the end-to-end flow, in one documented entry point.
+
+::
+
+    model --capture--> exported graph (un-decomposed ATen, dynamic batch/tokens)
+          --find_patterns--> per-linear matches (SegLinear segments, DualScale)
+          --AnnotatePass(config)--> frozen LinearAnnotation per quantized linear
+          --calibrate(interpreter over calib items)--> per-channel activation extremes
+          --QuantizeRewritePass--> torch.ops.segquant.* calls, quantized weights/scales as buffers
+          --> QuantizedModel (called like the float model)
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import inspect
+import itertools
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+from torch.utils import _pytree as pytree
+
+from segquant_fx.capture import capture, normalize_example
+from segquant_fx.config import QuantizeConfig, check_supported
+from segquant_fx.errors import CalibrationError, ConfigError
+from segquant_fx.passes.annotate import AnnotatePass, annotations
+from segquant_fx.passes.base import run_passes
+from segquant_fx.passes.calibrate import calibrate
+from segquant_fx.passes.rewrite import QuantizeRewritePass
+from segquant_fx.patterns import PATTERNS
+from segquant_fx.quantized import QuantizedModel, prepare_graph_module
+from segquant_fx.report import find_patterns
+
+__all__ = ["quantize", "load", "SUPPORTED_OPT", "SUPPORTED_CALIB"]
+
+#: Optimizers and calibrators this version implements (others raise a clear ConfigError).
+SUPPORTED_OPT = frozenset({"default", "smooth"})
+SUPPORTED_CALIB = frozenset({"amax"})
+
+
+def _has_tensor(v: Any) -> bool:
+    return any(isinstance(x, torch.Tensor) for x in pytree.tree_leaves(v))
+
+
+def _plain_attributes(model: torch.nn.Module) -> dict[str, Any]:
+    """Attributes pipelines read (``config`` and other plain values), never tensors or modules."""
+    out = {}
+    for k, v in vars(model).items():
+        if k.startswith("_") or k == "training" or isinstance(v, (torch.nn.Module, torch.Tensor)):
+            continue
+        if callable(v) and not hasattr(v, "keys"):
+            continue
+        out[k] = v
+    return out
+
+
+def _first_and_rest(items: Iterable[Any]) -> tuple[Any, Iterable[Any]]:
+    it = iter(items)
+    try:
+        first = next(it)
+    except StopIteration:
+        raise CalibrationError("the calibration set is empty: pass at least one item (kwargs dict or args tuple)") from None
+    if it is items:  # a one-shot iterator: put the first item back
+        return first, itertools.chain([first], it)
+    return first, items
+
+
+def _unbatch(item: Any) -> Any:
+    """DataLoader batches built with a list collate hold one item: unwrap ``[item]``."""
+    if isinstance(item, list) and len(item) == 1 and isinstance(item[0], (dict, tuple)):
+        return item[0]
+    return item
+
+
+def _plan_entry(ann: Any, tensors: dict[str, Any]) -> dict[str, Any]:
+    shapes = {k: list(v.shape) for k, v in tensors.items() if isinstance(v, torch.Tensor)}
+    return {
+        "patterns": list(ann.plan.patterns),
+        "act": ann.act_qtype or "none",
+        "act_dynamic": ann.act_dynamic,
+        "weight": ann.weight_qtype,
+        "weight_granularity": ann.weight_granularity,
+        "weight_group_size": ann.weight_group_size,
+        "in_segments": list(ann.in_segments),
+        "out_segments": list(ann.out_segments),
+        "dual": ann.dual,
+        "dual_segments": list(ann.dual_segments) if ann.dual_segments is not None else None,
+        "smooth_alpha": ann.smooth_alpha,
+        "real_quant": ann.real_quant,
+        "in_features": ann.in_features,
+        "out_features": ann.out_features,
+        "tensor_shapes": shapes,
+    }
+
+
+def quantize(
+    model: torch.nn.Module,
+    calib_data_loader: Iterable[Any],
+    config: QuantizeConfig | dict[str, Any] | str | None = None,
+    verbose: bool = False,
+    example: Any = None,
+    *,
+    dynamic: bool = True,
+    progress: bool = True,
+    max_items: int | None = None,
+) -> QuantizedModel:
+    """Quantize ``model`` with SegQuant (SegLinear + DualScale) and return a :class:`QuantizedModel`.
+
+    The float model is not modified. The result is called exactly like ``model``.
+
+    Args:
+        model: Any ``nn.Module`` (diffusers ``SD3Transformer2DModel``, ``FluxTransformer2DModel``,
+            ``UNet2DConditionModel``, ControlNets, or your own).
+        calib_data_loader: Iterable of calibration items: kwargs dicts keyed by forward's parameter
+            names, positional tuples, or ``(args, kwargs)``. Streamed once; not kept in memory.
+        config: A :class:`~segquant_fx.config.QuantizeConfig`, the seed's dict format, or a preset name
+            (``w8a8`` (default), ``w8a8-fp8``, ``w8a8-dynamic``, ``w8a16``, ``w4a16``, ...).
+        verbose: Print the pattern report and the quantized-layer table.
+        example: Inputs used to capture the graph (default: the first calibration item).
+        dynamic: Keep batch/token/spatial dims dynamic in the captured graph.
+        progress: Show tqdm progress bars.
+        max_items: Use at most this many calibration items.
+
+    Returns:
+        The quantized model; ``.plan`` and ``.report()`` describe every quantized layer.
+
+    Raises:
+        ConfigError: Bad config, or an optimizer/calibrator that is not available yet.
+        CaptureError: The model cannot be captured.
+        CalibrationError: Empty or mismatched calibration data, or non-finite activations.
+
+    Example:
+        >>> import torch
+        >>> from segquant_fx import quantize
+        >>> m = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.SiLU(), torch.nn.Linear(32, 8))
+        >>> calib = [(torch.randn(4, 16),) for _ in range(4)]
+        >>> q = quantize(m, calib, "w8a8", progress=False)
+        >>> q(torch.randn(4, 16)).shape
+        torch.Size([4, 8])
+    """
+    if not isinstance(model, torch.nn.Module):
+        raise ConfigError(f"quantize() needs an nn.Module, got {type(model).__name__}")
+    cfg = QuantizeConfig.coerce(config, known_patterns=PATTERNS)
+    check_supported(cfg, SUPPORTED_OPT, SUPPORTED_CALIB)
+
+    first, items = _first_and_rest(calib_data_loader)
+    items = map(_unbatch, items)
+    ex = _unbatch(first) if example is None else example
+    args, kwargs = normalize_example(ex)
+    try:
+        signature = inspect.signature(model.forward)
+    except (TypeError, ValueError):
+        signature = None
+    kwargs = {k: v for k, v in kwargs.items() if k != "return_dict"}
+    if signature is not None and args:
+        try:
+            kwargs = dict(signature.bind_partial(*args, **kwargs).arguments)
+            args = ()
+        except TypeError:
+            pass
+
+    cm = capture(model, (args, kwargs) if args else kwargs, dynamic=dynamic)
+    gm = prepare_graph_module(cm.exported.module())
+    patterns = sorted({p for lc in [cfg.default] + [cfg.layer_config(n) for n in _linear_names(model)] for p in lc.search_patterns})
+    report = find_patterns(gm, patterns=patterns)
+    annotate = AnnotatePass(cfg, report.node_matches)
+    gm = run_passes(gm, [annotate])
+    anns = annotations(gm)
+    if not anns:
+        raise ConfigError("no linear layer is enabled by the config: check 'enable' in the default entry and globs")
+
+    constants = {k: v for k, v in cm.example_kwargs.items() if not _has_tensor(v) and k != "return_dict"}
+    observers, n_items = calibrate(gm, items, signature, constants, progress=progress, max_items=max_items)
+    rewrite = QuantizeRewritePass(observers, progress=progress)
+    gm = run_passes(gm, [rewrite])
+
+    plan = {ann.module: _plan_entry(ann, rewrite.layer_tensors.get(ann.module, {})) for ann in anns.values()}
+    _set_linear_widths(gm, anns)
+    cls = type(model)
+    meta = {
+        "segquant_fx": _version("segquant-fx"),
+        "torch": torch.__version__,
+        "calibration_items": n_items,
+        "config": cfg.to_dict(),
+        "skipped": dict(annotate.skipped),
+        "model_config": dict(getattr(model, "config", {}) or {}) if hasattr(getattr(model, "config", None), "keys") else None,
+    }
+    qmodel = QuantizedModel(
+        gm,
+        signature=signature,
+        constants=constants,
+        plan=plan,
+        attributes=_plain_attributes(model),
+        model_class=f"{cls.__module__}.{cls.__qualname__}",
+        meta=meta,
+    )
+    if verbose:
+        print(report.to_markdown())
+        print(qmodel.report())
+    return qmodel
+
+
+def _linear_names(model: torch.nn.Module) -> list[str]:
+    return [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
+
+
+def _set_linear_widths(gm: torch.fx.GraphModule, anns: dict[str, Any]) -> None:
+    """Give the graph's (plain) linear owner modules ``in_features``/``out_features`` (pipelines read them)."""
+    for ann in anns.values():
+        try:
+            mod = gm.get_submodule(ann.module)
+        except AttributeError:
+            continue
+        mod.in_features = ann.in_features
+        mod.out_features = ann.out_features
+
+
+def _version(dist: str) -> str:
+    try:
+        return importlib.metadata.version(dist)
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"
+
+
+def load(path: str, model: torch.nn.Module | None = None) -> QuantizedModel:
+    """Load a quantized model saved with ``QuantizedModel.save`` (see :mod:`segquant_fx.serialization`)."""
+    from segquant_fx.serialization import load_quantized
+
+    return load_quantized(path, model=model)
