@@ -185,6 +185,31 @@ def test_quantize_rounds_half_to_even_and_saturates():
     assert ops.unpack_int4(q4).tolist() == [[0, 2, 2, 0, -2, 7, -8, 7]]
 
 
+@pytest.mark.parametrize("where", ["scale", "smooth"])
+def test_quantize_divides_exactly_instead_of_multiplying_by_a_reciprocal(where):
+    """x = (k + 0.5) * 7 makes x / 7 an exact tie; x * (1 / 7) misses many of them (78 of 255)."""
+    k = torch.arange(-128, 127, dtype=torch.float32)
+    x = (k + 0.5) * 7.0
+    seven = torch.tensor([7.0])
+    if where == "scale":
+        q = ops.quantize(x, seven, qtype="int8")
+    else:
+        q = ops.quantize(x, torch.ones(1), qtype="int8", smooth=seven.expand(k.numel()).contiguous())
+    assert torch.equal(q, torch.round(k + 0.5).to(torch.int8))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_fake_quantize_rounds_once_from_float32(dtype):
+    """Many values: fake_quantize casts the float32 product once, exactly as dequantize does."""
+    g = torch.Generator().manual_seed(17)
+    x = (4 * torch.randn(256, 4096, generator=g)).to(dtype)
+    scale = 0.001 + 0.1 * torch.rand(256, 2, generator=g)
+    fq = ops.fake_quantize(x, scale, qtype="int8", segments=[1000, 3096])
+    q = ops.quantize(x, scale, qtype="int8", segments=[1000, 3096])
+    expected = (q.float() * _expand64(scale, (256,), [1000, 3096], 4096).float()).to(dtype)
+    assert torch.equal(fq, expected)
+
+
 def test_quantize_int4_packs_low_nibble_first():
     x = torch.tensor([1.0, -1.0, 7.0, -8.0])
     assert ops.quantize(x, torch.tensor([1.0]), qtype="int4").tolist() == [0xF1, 0x87]
