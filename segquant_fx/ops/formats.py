@@ -330,7 +330,7 @@ def scale_from_amax(amax: torch.Tensor | float, qtype: str) -> torch.Tensor:
 
     Example:
         >>> scale_from_amax(torch.tensor([127.0, 0.0]), "int8").tolist()
-        [1.0, 4.6938334255647256e-10]
+        [1.0, 4.693279098688663e-10]
     """
     info = qtype_info(qtype, op="scale_from_amax")
     amax_t = torch.as_tensor(amax).to(torch.float32)
