@@ -16,6 +16,7 @@ import importlib.metadata
 import inspect
 import itertools
 from collections.abc import Iterable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -32,7 +33,7 @@ from segquant_fx.patterns import PATTERNS
 from segquant_fx.quantized import QuantizedModel, prepare_graph_module
 from segquant_fx.report import find_patterns
 
-__all__ = ["quantize", "load", "SUPPORTED_OPT", "SUPPORTED_CALIB"]
+__all__ = ["quantize", "load", "prepare", "finish", "Prepared", "SUPPORTED_OPT", "SUPPORTED_CALIB"]
 
 #: Optimizers and calibrators this version implements (others raise a clear ConfigError).
 SUPPORTED_OPT = frozenset({"default", "smooth"})
@@ -146,8 +147,38 @@ def quantize(
 
     first, items = _first_and_rest(calib_data_loader)
     items = map(_unbatch, items)
-    ex = _unbatch(first) if example is None else example
-    args, kwargs = normalize_example(ex)
+    prepared = prepare(model, _unbatch(first) if example is None else example, cfg, dynamic=dynamic)
+    observers, n_items = calibrate(
+        prepared.gm, items, prepared.signature, prepared.constants, progress=progress, max_items=max_items
+    )
+    qmodel = finish(prepared, QuantizeRewritePass(observers, progress=progress), extra_meta={"calibration_items": n_items})
+    if verbose:
+        print(prepared.report.to_markdown())
+        print(qmodel.report())
+    return qmodel
+
+
+@dataclass
+class Prepared:
+    """A captured, pattern-matched, annotated graph, ready for calibration and rewriting."""
+
+    model: torch.nn.Module
+    gm: torch.fx.GraphModule
+    config: QuantizeConfig
+    signature: inspect.Signature | None
+    constants: dict[str, Any]
+    example_kwargs: dict[str, Any]
+    report: Any
+    annotate: AnnotatePass
+
+
+def prepare(model: torch.nn.Module, example: Any, cfg: QuantizeConfig, *, dynamic: bool = True) -> Prepared:
+    """Capture ``model`` on ``example``, match patterns and annotate (no calibration yet).
+
+    Raises:
+        ConfigError: If the config enables no linear layer.
+    """
+    args, kwargs = normalize_example(example)
     try:
         signature = inspect.signature(model.forward)
     except (TypeError, ValueError):
@@ -159,46 +190,46 @@ def quantize(
             args = ()
         except TypeError:
             pass
-
     cm = capture(model, (args, kwargs) if args else kwargs, dynamic=dynamic)
     gm = prepare_graph_module(cm.exported.module())
-    patterns = sorted({p for lc in [cfg.default] + [cfg.layer_config(n) for n in _linear_names(model)] for p in lc.search_patterns})
+    layer_names = _linear_names(model)
+    patterns = sorted({p for lc in [cfg.default, *(cfg.layer_config(n) for n in layer_names)] for p in lc.search_patterns})
     report = find_patterns(gm, patterns=patterns)
     annotate = AnnotatePass(cfg, report.node_matches)
     gm = run_passes(gm, [annotate])
-    anns = annotations(gm)
-    if not anns:
+    if not annotations(gm):
         raise ConfigError("no linear layer is enabled by the config: check 'enable' in the default entry and globs")
-
     constants = {k: v for k, v in cm.example_kwargs.items() if not _has_tensor(v) and k != "return_dict"}
-    observers, n_items = calibrate(gm, items, signature, constants, progress=progress, max_items=max_items)
-    rewrite = QuantizeRewritePass(observers, progress=progress)
-    gm = run_passes(gm, [rewrite])
+    return Prepared(model, gm, cfg, signature, constants, dict(cm.example_kwargs), report, annotate)
 
+
+def finish(prepared: Prepared, rewrite: QuantizeRewritePass, extra_meta: dict[str, Any] | None = None) -> QuantizedModel:
+    """Rewrite the annotated graph and wrap it as a :class:`QuantizedModel`."""
+    anns = annotations(prepared.gm)
+    gm = run_passes(prepared.gm, [rewrite])
     plan = {ann.module: _plan_entry(ann, rewrite.layer_tensors.get(ann.module, {})) for ann in anns.values()}
     _set_linear_widths(gm, anns)
+    model = prepared.model
     cls = type(model)
+    mcfg = getattr(model, "config", None)
     meta = {
         "segquant_fx": _version("segquant-fx"),
         "torch": torch.__version__,
-        "calibration_items": n_items,
-        "config": cfg.to_dict(),
-        "skipped": dict(annotate.skipped),
-        "model_config": dict(getattr(model, "config", {}) or {}) if hasattr(getattr(model, "config", None), "keys") else None,
+        "config": prepared.config.to_dict(),
+        "skipped": dict(prepared.annotate.skipped),
+        "model_config": dict(mcfg) if hasattr(mcfg, "keys") else None,
+        "example_kwargs": prepared.example_kwargs,
+        **(extra_meta or {}),
     }
-    qmodel = QuantizedModel(
+    return QuantizedModel(
         gm,
-        signature=signature,
-        constants=constants,
+        signature=prepared.signature,
+        constants=prepared.constants,
         plan=plan,
         attributes=_plain_attributes(model),
         model_class=f"{cls.__module__}.{cls.__qualname__}",
         meta=meta,
     )
-    if verbose:
-        print(report.to_markdown())
-        print(qmodel.report())
-    return qmodel
 
 
 def _linear_names(model: torch.nn.Module) -> list[str]:

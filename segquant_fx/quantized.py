@@ -231,6 +231,7 @@ class QuantizedModel(torch.nn.Module):
         return f"{n} quantized linear layers\n\n" + "\n".join(lines) + "\n"
 
     def extra_repr(self) -> str:
+        """Class and size, for ``print(model)``."""
         return f"model_class={self.model_class!r}, quantized_layers={len(self.plan)}"
 
 

@@ -140,12 +140,20 @@ class QuantizeRewritePass(SegQuantPass):
 
     Args:
         observers: Node name -> observer with the node's calibration statistics.
+        precomputed: Module FQN -> layer tensors (``qweight``, ``w_scale``, ``x_scale``..., and
+            ``w_segments``) to use instead of computing them (loading a saved model).
         progress: Show a progress bar over layers.
     """
 
-    def __init__(self, observers: Mapping[str, ChannelMinMaxObserver], progress: bool = False):
+    def __init__(
+        self,
+        observers: Mapping[str, ChannelMinMaxObserver] | None = None,
+        precomputed: Mapping[str, Mapping[str, Any]] | None = None,
+        progress: bool = False,
+    ):
         super().__init__()
-        self.observers = observers
+        self.observers = observers or {}
+        self.precomputed = precomputed
         self.progress = progress
         self.layer_tensors: dict[str, LayerTensors] = {}
 
@@ -164,7 +172,12 @@ class QuantizeRewritePass(SegQuantPass):
                 continue  # weights computed in the graph are left alone
             owner, wattr = _owner(gm, w_node.target)
             weight = getattr(owner, wattr)
-            tensors = compute_layer_tensors(weight, ann, self.observers.get(node.name))
+            if self.precomputed is not None:
+                if ann.module not in self.precomputed:
+                    raise CalibrationError(f"{ann.module}: no saved tensors for this quantized layer")
+                tensors = LayerTensors(self.precomputed[ann.module])
+            else:
+                tensors = compute_layer_tensors(weight, ann, self.observers.get(node.name))
             self.layer_tensors[ann.module] = tensors
             prefix = w_node.target.rsplit(".", 1)[0] if "." in w_node.target else ""
             new = self._emit(gm, node, ann, x, b_node, owner, prefix, tensors, weight)

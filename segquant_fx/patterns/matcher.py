@@ -104,9 +104,19 @@ def _edge_match(host_edges: dict[Any, dict[str, Any]], pat_edges: dict[Any, dict
 
 
 def _host_subgraph(view: GraphView, pg: nx.MultiDiGraph) -> nx.MultiDiGraph:
+    """Induced host subgraph on the pattern's targets, copied, without isolated candidates.
+
+    A copy, not a view: VF2 looks edges up millions of times and networkx's filtered views are slow.
+    Dropping candidates with no edge to another candidate is exact for connected patterns of two or
+    more nodes (every pattern node has a pattern edge, so its image has a host edge in the subgraph)
+    and turns VF2's quadratic scan over unconnected candidates into a scan over real neighbourhoods.
+    """
     wanted = {d["ctarget"] for _, d in pg.nodes(data=True)}
     targets = [t for t in view.by_target if canonical_target(t) in wanted]
-    return view.graph.subgraph(view.nodes_with_targets(targets))
+    sub = view.graph.subgraph(view.nodes_with_targets(targets)).copy()
+    if pg.number_of_nodes() > 1:
+        sub.remove_nodes_from([n for n in list(sub.nodes) if sub.degree(n) == 0])
+    return sub
 
 
 def find_matches(
