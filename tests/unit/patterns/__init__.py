@@ -1,0 +1,1 @@
+"""Tests of the semantic patterns (one module per pattern family)."""
