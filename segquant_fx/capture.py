@@ -233,11 +233,36 @@ def _export(
         if not args:
             dyn = dyn_kwargs
         elif not kwargs:
-            dyn = dyn_args
+            dyn = _per_parameter(model, dyn_args)
         else:  # *args/**kwargs forward: export cannot name the inputs; keep shapes static
             warnings.warn("forward takes *args/**kwargs: capturing with static shapes", stacklevel=3)
     with torch.no_grad():
         return torch.export.export(model, args, kwargs, strict=False, dynamic_shapes=dyn)
+
+
+def _per_parameter(model: torch.nn.Module, dyn_args: tuple) -> tuple:
+    """dynamic_shapes has one entry per *parameter*: a ``*args`` parameter takes a tuple of specs."""
+    try:
+        params = list(inspect.signature(model.forward).parameters.values())
+    except (TypeError, ValueError):
+        return dyn_args
+    out: list[Any] = []
+    i = 0
+    for p in params:
+        if p.kind == p.VAR_POSITIONAL:
+            out.append(tuple(dyn_args[i:]))
+            i = len(dyn_args)
+        elif p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) and i < len(dyn_args):
+            out.append(dyn_args[i])
+            i += 1
+    return tuple(out)
+
+
+def _normalize(ep: torch.export.ExportedProgram) -> None:
+    """Dead-code-eliminate the captured graph: an unused call (``self.lin(x)`` whose result is dropped)
+    must not count as a second call site of its module."""
+    if ep.graph_module.graph.eliminate_dead_code():
+        ep.graph_module.recompile()
 
 
 def _annotate_modules(gm: fx.GraphModule) -> None:
@@ -327,6 +352,7 @@ def capture(
     finally:
         model.train(was_training)
 
+    _normalize(ep)
     gm = ep.graph_module
     _annotate_modules(gm)
     return CapturedModel(

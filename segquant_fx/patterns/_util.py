@@ -31,6 +31,8 @@ def split_sizes(node: fx.Node) -> tuple[int, ...] | None:
     val = node.meta.get("val")
     if not isinstance(val, (list, tuple)) or not val:
         return None
+    if target_name(node) == "aten.unbind.int":  # each piece drops the unbound dim: one column each
+        return (1,) * len(val)
     sizes = []
     for v in val:
         if not isinstance(v, torch.Tensor) or v.dim() == 0:

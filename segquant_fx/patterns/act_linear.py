@@ -75,8 +75,13 @@ def activation_kind(view, name: str) -> str | None:
     if t in _ACT:
         return _ACT[t]
     if t in ("aten.mul.Tensor", "aten.mul_.Tensor"):
-        kinds = [_ACT.get(view.target(p)) for p in view.producers(name, 0) + view.producers(name, 1)]
-        kinds = [k for k in kinds if k]
+        operands = view.producers(name, 0) + view.producers(name, 1)
+        if len(operands) != 2:  # a product with a scalar is a rescaled activation, not a gate
+            return None
+        widths = {(view.graph.nodes[p]["shape"] or ("?",))[-1] for p in operands}
+        if len(widths) != 1:  # a gate multiplies elementwise; a broadcast row/column is not one
+            return None
+        kinds = [k for k in (_ACT.get(view.target(p)) for p in operands) if k]
         if len(kinds) == 1:
             return "geglu" if kinds[0] == "gelu" else "swiglu"
     return None

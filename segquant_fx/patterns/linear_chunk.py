@@ -12,8 +12,9 @@ Cases:
    along the k dim, ``select``/``index`` on it, optionally after an elementwise add/mul with a table
    broadcast along rows -> k segments of d.
 
-The linear's output must flow only into the split (through transparent ops) in cases 1-2; in case 3
-every consumer must be such a per-row view.
+The linear's output must flow only into the split (through transparent ops) in cases 1-2 (checked
+in the pattern's check, per alternative); in case 3 every consumer must be such a per-row view, so
+one linear shared by several blocks (PixArt's adaLN-single timestep projection) still matches.
 
 Before/after (annotation only)::
 
@@ -23,6 +24,8 @@ Before/after (annotation only)::
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 from torch import fx
@@ -30,6 +33,7 @@ from torch import fx
 from segquant_fx.graph.fx_utils import get_arg, shape_of, target_name
 from segquant_fx.patterns._util import dim_of, fx_data_users, linear_features, split_sizes
 from segquant_fx.patterns.base import Match, Pattern, PlanContribution
+from segquant_fx.patterns.matcher import _outside_msg
 
 __all__ = ["LINEAR_TO_CHUNK", "LINEAR_TO_SPLIT"]
 
@@ -80,6 +84,9 @@ def _split_node(m: Match) -> str:
 
 def _check_split(m: Match, view) -> object:
     split = view.fx(_split_node(m))
+    others = tuple(c for c in view.consumers(m.anchor) if c != split.name)
+    if others:
+        return functools.partial(_outside_msg, m.anchor, others, tuple(view.target(o) for o in others))
     shape = shape_of(split.args[0])
     idx, name, default = _SPLITS[target_name(split)]
     d = dim_of(split, idx, name, default, len(shape) if shape else 0)
@@ -100,14 +107,33 @@ def _plan_split(m: Match, view) -> PlanContribution:
     return PlanContribution(output_segments=split_sizes(split), detail={"op": target_name(split)})
 
 
-def _row_consumer_ok(node: fx.Node, k: int, d: int, depth: int = 0) -> str | None:
-    """None if every use of ``node`` ([..., k, d]) reads whole rows of d; else why not."""
+def _row_consumer_ok(node: fx.Node, k: int, d: int, view, depth: int = 0) -> str | None:
+    """None if every use of ``node`` ([..., k, d]) reads whole rows of d; else why not.
+
+    Transparent ops that keep the rank (casts, clones, eval dropout, slices of a non-row dim or
+    row subsets) are looked through; the rows dim stays the second to last.
+    """
     shape = shape_of(node)
     if shape is None or len(shape) < 2:
         return f"{node.name}: unknown shape"
     rows_dim = len(shape) - 2
     for u in fx_data_users(node):
         t = target_name(u)
+        us = shape_of(u)
+        if (
+            t not in _SPLITS
+            and t not in _ROW_PICKS
+            and view.transparency.is_transparent(u)
+            and us is not None
+            and len(us) == len(shape)
+            and t not in ("aten.permute.default", "aten.transpose.int")
+        ):
+            if depth >= 4:
+                return f"{u.name}: too many ops between the view and its row reads"
+            why = _row_consumer_ok(u, k, d, view, depth + 1)
+            if why:
+                return why
+            continue
         if t in _SPLITS:
             idx, name, default = _SPLITS[t]
             if dim_of(u, idx, name, default, len(shape)) != rows_dim:
@@ -119,13 +145,13 @@ def _row_consumer_ok(node: fx.Node, k: int, d: int, depth: int = 0) -> str | Non
             idx, name, default = _ROW_PICKS[t]
             if dim_of(u, idx, name, default, len(shape)) != rows_dim:
                 return f"{u.name} ({t}) does not pick along the row dim {rows_dim}"
-        elif t in _ROW_ELEMENTWISE and depth < 2:
+        elif t in _ROW_ELEMENTWISE and depth < 4:
             other = [a for a in u.args if isinstance(a, fx.Node) and a is not node]
             for o in other:
                 os_ = shape_of(o)
                 if os_ is not None and len(os_) >= 2 and int(os_[-1]) not in (1, d):
                     return f"{u.name} mixes row elements with {o.name} of shape {tuple(os_)}"
-            why = _row_consumer_ok(u, k, d, depth + 1)
+            why = _row_consumer_ok(u, k, d, view, depth + 1)
             if why:
                 return why
         else:
@@ -153,7 +179,7 @@ def _check_rows(m: Match, view) -> object:
             return f"{v.name}: symbolic row shape"
         if k * d != out_f or k < 2:
             return f"{v.name} views {out_f} features as {k} x {d}, not as rows"
-        why = _row_consumer_ok(v, k, d)
+        why = _row_consumer_ok(v, k, d, view)
         if why:
             return why
         ks.add((k, d))
@@ -187,7 +213,6 @@ LINEAR_TO_CHUNK = Pattern(
     example_inputs=_example,
     check=_check_chunk,
     plan=_plan_chunk,
-    only_consumer=frozenset({"aten.linear.default"}),
     priority=10,
     description="linear output chunked along the last dim (adaLN modulation, GEGLU proj, fused QKV), "
     "or viewed as [..., k, d] and consumed per row (adaLN-single)",
@@ -199,7 +224,6 @@ LINEAR_TO_SPLIT = Pattern(
     example_inputs=_example,
     check=_check_split,
     plan=_plan_split,
-    only_consumer=frozenset({"aten.linear.default"}),
     priority=11,
     description="linear output split/split_with_sizes/unbound along the last dim, equal or unequal sizes",
 )

@@ -54,8 +54,32 @@ def canonical_target(target: str) -> str:
     return _EQUIVALENT.get(target, target)
 
 
-@functools.lru_cache(maxsize=256)
+_CACHE: dict[tuple[int, int, Transparency], tuple[Any, nx.MultiDiGraph]] = {}
+
+
 def _compile(pattern: Pattern, index: int, transparency: Transparency) -> nx.MultiDiGraph:
+    """Compiled pattern graph of one search function, cached on the function object itself.
+
+    (``Pattern`` equality ignores its functions, so the cache must not key on the pattern.)
+    """
+    fn = pattern.search[index]
+    key = (id(fn), id(pattern.example_inputs), transparency)
+    hit = _CACHE.get(key)
+    if hit is not None and hit[0] is fn:
+        return hit[1]
+    g = _compile_uncached(pattern, index, transparency)
+    _CACHE[key] = (fn, g)
+    return g
+
+
+def _clear_cache() -> None:
+    _CACHE.clear()
+
+
+_compile.cache_clear = _clear_cache  # type: ignore[attr-defined]
+
+
+def _compile_uncached(pattern: Pattern, index: int, transparency: Transparency) -> nx.MultiDiGraph:
     fn = pattern.search[index]
     try:
         gm = capture_function(fn, pattern.inputs_for(index))

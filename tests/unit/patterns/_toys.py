@@ -73,10 +73,14 @@ def captured(
         torch.manual_seed(100 + b)
         args = make_example(b)
         # capture binds positional inputs to forward's parameter names: call the program the same way
-        kwargs = dict(inspect.signature(model.forward).bind(*args).arguments)
+        sig = inspect.signature(model.forward)
+        if any(p.kind == p.VAR_POSITIONAL for p in sig.parameters.values()):
+            kwargs = None  # *args forwards are captured positionally
+        else:
+            kwargs = dict(sig.bind(*args).arguments)
         with torch.no_grad():
             expected = model(*args)
-            got = exported(**kwargs)
+            got = exported(*args) if kwargs is None else exported(**kwargs)
         torch.testing.assert_close(got, expected, atol=atol, rtol=rtol)
     return cm
 

@@ -260,13 +260,6 @@ def test_other_activations_are_not_flagged(act):
     assert report.layers["lin"].dual_scale is False
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="BUG: act_linear.activation_kind treats any mul with exactly one activation operand as a "
-    "gated product, including a mul by a Python scalar (aten.mul.Tensor(silu, 2)), so `silu(x) * 2` "
-    "is flagged DualScale with activation='swiglu'",
-)
 def test_activation_behind_a_scale_is_not_dual_scale():
     """``lin(silu(x) * 2)``: a scale is not transparent and not a gate; no DualScale."""
     torch.manual_seed(0)

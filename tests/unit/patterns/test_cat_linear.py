@@ -305,14 +305,6 @@ class _CatVarargs(nn.Module):
         return self.lin(torch.cat(pieces, dim=-1))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=CaptureError,
-    reason="BUG: capture._export gives torch.export the flat per-tensor dynamic_shapes tuple for a "
-    "forward(self, *pieces) (dyn = dyn_args), but export expects one entry per parameter, so "
-    "capture(..., dynamic=True) of any *args forward fails with 'inputs has 1 elements, but "
-    "dynamic_shapes has 2 elements'",
-)
 def test_cat_of_varargs_forward():
     torch.manual_seed(0)
     cm = captured(_CatVarargs(), _pieces(4, 12))

@@ -244,14 +244,6 @@ def test_adaln_single_rows(pick):
     _assert_rows_match(cm)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="BUG: linear_chunk._row_consumer_ok walks the raw fx users of the rows view without the "
-    "transparency rules, so a transparent op right after the view rejects the match: the no-op dim-0 "
-    "slice that `v[:, i]` exports as (aten.slice(v, 0, 0, INT_MAX) -> aten.select(., 1, i)), "
-    "a clone, an eval-mode dropout",
-)
 @pytest.mark.parametrize("pick", ["index", "clone-then-chunk", "eval-dropout-then-chunk"])
 def test_adaln_single_rows_through_transparent_ops(pick):
     torch.manual_seed(0)
@@ -312,13 +304,6 @@ def test_rows_view_shared_by_two_blocks():
     assert report.layers["t_block"].output_segments == (4,) * 6
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="BUG: LINEAR_TO_CHUNK has only_consumer={aten.linear}, so a linear reshaped in two places "
-    "(PixArt's shared t_block) is rejected by matcher._constraints ('also used outside the pattern by "
-    "reshape_1') before _check_rows, which is written to accept several row views, ever runs",
-)
 def test_rows_reshaped_separately_by_two_blocks():
     torch.manual_seed(0)
     cm = captured(_SharedRowsPixArt(), _ex_shared)
@@ -366,13 +351,6 @@ def test_split_last_dim_forms(fn, target, segments):
     assert report.layers["lin"].output_segments == segments
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="BUG: patterns._util.split_sizes reads v.shape[-1] of every output, but unbind removes the "
-    "split dim: unbind(-1) of [B, 3] gives pieces of shape [B], so the sizes are the batch (symbolic -> "
-    "rejected; static -> (B, B, B), and find_patterns raises 'output segments do not add up')",
-)
 def test_unbind_last_dim_gives_segments_of_one():
     torch.manual_seed(0)
     cm = captured(LinearThen(lambda y: y.unbind(-1), out_f=3), _ex2)
@@ -384,12 +362,6 @@ def test_unbind_last_dim_gives_segments_of_one():
     assert report.layers["lin"].output_segments == (1, 1, 1)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=PatternError,
-    reason="BUG: with static shapes, unbind(-1) of a [2, 5, 3] linear output reports output segments "
-    "(5, 5, 5) (the sequence length) and find_patterns raises PatternError instead of giving (1, 1, 1)",
-)
 def test_unbind_last_dim_static_shapes():
     from segquant_fx import find_patterns
 
@@ -411,13 +383,6 @@ class _DeadCallSite(nn.Module):
         return a * b + c
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="BUG: capture() does not eliminate dead code, so the unused lin(x) call stays in the graph as "
-    "an aten.linear node with no users; find_patterns counts it as a second call site with an empty "
-    "plan and drops the live call's segmentation ('called from 2 places with different plans')",
-)
 def test_dead_call_site_does_not_drop_the_plan():
     torch.manual_seed(0)
     cm = captured(_DeadCallSite(), _ex3)
