@@ -259,8 +259,10 @@ def _per_parameter(model: torch.nn.Module, dyn_args: tuple) -> tuple:
 
 
 def _normalize(ep: torch.export.ExportedProgram) -> None:
-    """Dead-code-eliminate the captured graph: an unused call (``self.lin(x)`` whose result is dropped)
-    must not count as a second call site of its module."""
+    """Dead-code-eliminate the captured graph.
+
+    An unused call (``self.lin(x)`` whose result is dropped) must not count as a call site of its module.
+    """
     if ep.graph_module.graph.eliminate_dead_code():
         ep.graph_module.recompile()
 

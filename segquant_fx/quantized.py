@@ -207,6 +207,13 @@ class QuantizedModel(torch.nn.Module):
         if changed:
             self.graph_module.recompile()
 
+    # ---- saving -------------------------------------------------------------------------------
+    def save(self, path: str) -> Any:
+        """Save to directory ``path`` (safetensors + JSON); reload with ``segquant_fx.load(path)``."""
+        from segquant_fx.serialization import save_quantized
+
+        return save_quantized(self, path)
+
     # ---- attribute access through the graph's module tree -----------------------------------
     def __getattr__(self, name: str) -> Any:
         try:

@@ -11,7 +11,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from segquant_fx.errors import CaptureError
 from segquant_fx.report import ConvReport
 
 from ._toys import assert_counts, captured, host_targets, matches_of, report_of

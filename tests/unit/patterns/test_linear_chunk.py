@@ -12,8 +12,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from segquant_fx.errors import PatternError
-
 from ._toys import ChunkToy, LinearThen, assert_counts, captured, host_targets, matches_of, report_of
 
 _LINEAR = "aten.linear.default"
