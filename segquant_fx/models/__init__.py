@@ -9,9 +9,10 @@ from segquant_fx.models.zoo import (
     MODELS,
     ModelSpec,
     build_model,
+    calibration_items,
     count_linear,
     get_model_spec,
     list_models,
 )
 
-__all__ = ["MODELS", "ModelSpec", "build_model", "count_linear", "get_model_spec", "list_models"]
+__all__ = ["MODELS", "ModelSpec", "build_model", "calibration_items", "count_linear", "get_model_spec", "list_models"]

@@ -39,6 +39,7 @@ __all__ = [
     "MODELS",
     "get_model_spec",
     "build_model",
+    "calibration_items",
     "list_models",
     "count_linear",
 ]
@@ -224,10 +225,14 @@ def _sd3_example(
     controlnet: bool = False,
 ) -> ExampleFn:
     def example(
-        batch_size: int = 1, *, device: torch.device | str | None = None, dtype: torch.dtype | None = None
+        batch_size: int = 1,
+        *,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+        sample_seed: int | None = None,
     ) -> dict[str, Any]:
         b = _check_batch(batch_size)
-        g = torch.Generator().manual_seed(seed)
+        g = torch.Generator().manual_seed(seed if sample_seed is None else sample_seed)
         latent = (b, latent_channels, latent_size, latent_size)
         kwargs: dict[str, Any] = {"hidden_states": torch.randn(*latent, generator=g)}
         if controlnet:
@@ -258,10 +263,14 @@ def _flux_example(
     image_tokens = h * w
 
     def example(
-        batch_size: int = 1, *, device: torch.device | str | None = None, dtype: torch.dtype | None = None
+        batch_size: int = 1,
+        *,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+        sample_seed: int | None = None,
     ) -> dict[str, Any]:
         b = _check_batch(batch_size)
-        g = torch.Generator().manual_seed(seed)
+        g = torch.Generator().manual_seed(seed if sample_seed is None else sample_seed)
         kwargs: dict[str, Any] = {"hidden_states": torch.randn(b, image_tokens, in_channels, generator=g)}
         if controlnet:
             # packed latent-space control image, as FluxControlNetPipeline passes it
@@ -291,10 +300,14 @@ def _sdxl_example(
     pixels = float(latent_size * 8)  # the SDXL VAE downsamples by 8
 
     def example(
-        batch_size: int = 1, *, device: torch.device | str | None = None, dtype: torch.dtype | None = None
+        batch_size: int = 1,
+        *,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+        sample_seed: int | None = None,
     ) -> dict[str, Any]:
         b = _check_batch(batch_size)
-        g = torch.Generator().manual_seed(seed)
+        g = torch.Generator().manual_seed(seed if sample_seed is None else sample_seed)
         kwargs: dict[str, Any] = {
             "sample": torch.randn(b, 4, latent_size, latent_size, generator=g),
             # discrete scheduler timesteps in [0, 1000)
@@ -678,8 +691,11 @@ def build_model(
     *,
     device: torch.device | str | None = None,
     dtype: torch.dtype | None = None,
+    seed: int | None = None,
 ) -> tuple[nn.Module, dict[str, Any]]:
     """Build model ``name`` and example forward kwargs for ``batch_size`` samples.
+
+    ``seed`` draws other example values (same shapes); weights never depend on it.
 
     Returns:
         ``(model, kwargs)``; ``model(**kwargs, return_dict=False)`` runs a forward pass.
@@ -690,4 +706,14 @@ def build_model(
     spec = get_model_spec(name)
     _check_batch(batch_size)
     model = spec.build(device=device, dtype=dtype)
-    return model, spec.example(batch_size, device=device, dtype=dtype)
+    return model, spec.example(batch_size, device=device, dtype=dtype, sample_seed=seed)
+
+
+def calibration_items(name: str, n: int, batch_size: int = 2, *, first_seed: int = 1000) -> list[dict[str, Any]]:
+    """``n`` example inputs of model ``name`` drawn with seeds ``first_seed..first_seed+n-1``.
+
+    Random inputs, for calibrating the randomly initialised built-in models (real pipelines record
+    calibration items with ``generate_calibrate_set`` instead).
+    """
+    spec = get_model_spec(name)
+    return [spec.example(batch_size, sample_seed=first_seed + i) for i in range(n)]
