@@ -254,8 +254,14 @@ def _version(dist: str) -> str:
         return "unknown"
 
 
-def load(path: str, model: torch.nn.Module | None = None) -> QuantizedModel:
-    """Load a quantized model saved with ``QuantizedModel.save`` (see :mod:`segquant_fx.serialization`)."""
+def load(path: str, model: torch.nn.Module | None = None, device: str | torch.device = "cpu") -> QuantizedModel:
+    """Load a quantized model saved with ``QuantizedModel.save`` (see :mod:`segquant_fx.serialization`).
+
+    Args:
+        path: The save directory.
+        model: A float model of the same architecture; needed only for classes outside ``diffusers``.
+        device: Where to put the loaded model.
+    """
     from segquant_fx.serialization import load_quantized
 
-    return load_quantized(path, model=model)
+    return load_quantized(path, model=model, device=device)

@@ -25,6 +25,7 @@ Example (before -> after, meta only)::
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -159,12 +160,31 @@ class AnnotatePass(SegQuantPass):
                 continue
             node.meta[SEGQUANT_ANNOTATION_KEY] = ann
             modified = True
+        _unify_call_sites(graph_module)
         return PassResult(graph_module, modified)
 
     def ensures(self, graph_module: fx.GraphModule) -> None:
         """The annotated graph validates."""
         super().ensures(graph_module)
         validate_annotations(graph_module)
+
+
+def _unify_call_sites(gm: fx.GraphModule) -> None:
+    """One module called from several places gets one annotation (its weights are quantized once).
+
+    If the call sites disagree on segments or DualScale, all of them fall back to one segment.
+    """
+    by_weight: dict[str, list[fx.Node]] = {}
+    for node in gm.graph.nodes:
+        if SEGQUANT_ANNOTATION_KEY in node.meta and isinstance(node.args[1], fx.Node):
+            by_weight.setdefault(node.args[1].target, []).append(node)
+    for nodes in by_weight.values():
+        anns = {n.meta[SEGQUANT_ANNOTATION_KEY] for n in nodes}
+        if len(anns) > 1:
+            first = nodes[0].meta[SEGQUANT_ANNOTATION_KEY]
+            plain = dataclasses.replace(first, in_segments=(), out_segments=(), dual=False, dual_segments=None)
+            for n in nodes:
+                n.meta[SEGQUANT_ANNOTATION_KEY] = plain
 
 
 def validate_annotations(gm: fx.GraphModule) -> None:

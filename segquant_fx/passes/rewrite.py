@@ -127,6 +127,20 @@ def compute_layer_tensors(
     return out
 
 
+def _merged(observers: list[ChannelMinMaxObserver]) -> ChannelMinMaxObserver | None:
+    """One observer holding the extremes of several (the call sites of one module)."""
+    if not observers:
+        return None
+    if len(observers) == 1:
+        return observers[0]
+    out = ChannelMinMaxObserver(observers[0].in_features, name=observers[0].name)
+    for o in observers:
+        out.pos_max.copy_(torch.maximum(out.pos_max, o.pos_max))
+        out.neg_min.copy_(torch.minimum(out.neg_min, o.neg_min))
+        out.count += o.count
+    return out
+
+
 def _owner(gm: torch.nn.Module, target: str) -> tuple[torch.nn.Module, str]:
     *path, attr = target.split(".")
     mod = gm
@@ -156,6 +170,7 @@ class QuantizeRewritePass(SegQuantPass):
         self.precomputed = precomputed
         self.progress = progress
         self.layer_tensors: dict[str, LayerTensors] = {}
+        self._weights: dict[str, torch.Tensor] = {}
 
     def call(self, graph_module: fx.GraphModule) -> PassResult:
         """Rewrite; ``modified`` is True when a linear was replaced."""
@@ -164,6 +179,12 @@ class QuantizeRewritePass(SegQuantPass):
         gm = graph_module
         nodes = [n for n in gm.graph.nodes if SEGQUANT_ANNOTATION_KEY in n.meta and n.target == torch.ops.aten.linear.default]
         used_weights: list[str] = []
+        # a module called from several places: statistics of all call sites, tensors computed once
+        sites: dict[str, list[str]] = {}
+        for n in nodes:
+            if isinstance(n.args[1], fx.Node):
+                sites.setdefault(n.args[1].target, []).append(n.name)
+        done: dict[str, LayerTensors] = {}
         for node in tqdm(nodes, desc="quantizing", unit="layer", disable=not self.progress, leave=False):
             ann: LinearAnnotation = node.meta[SEGQUANT_ANNOTATION_KEY]
             x, w_node = node.args[0], node.args[1]
@@ -171,14 +192,24 @@ class QuantizeRewritePass(SegQuantPass):
             if w_node.op != "get_attr":
                 continue  # weights computed in the graph are left alone
             owner, wattr = _owner(gm, w_node.target)
+            if w_node.target in done:  # second call site of an already quantized module
+                tensors = done[w_node.target]
+                prefix = w_node.target.rsplit(".", 1)[0] if "." in w_node.target else ""
+                new = self._emit(gm, node, ann, x, b_node, owner, prefix, tensors, self._weights[w_node.target])
+                node.replace_all_uses_with(new)
+                gm.graph.erase_node(node)
+                continue
             weight = getattr(owner, wattr)
             if self.precomputed is not None:
                 if ann.module not in self.precomputed:
                     raise CalibrationError(f"{ann.module}: no saved tensors for this quantized layer")
                 tensors = LayerTensors(self.precomputed[ann.module])
             else:
-                tensors = compute_layer_tensors(weight, ann, self.observers.get(node.name))
+                obs = _merged([self.observers[s] for s in sites.get(w_node.target, [node.name]) if s in self.observers])
+                tensors = compute_layer_tensors(weight, ann, obs)
             self.layer_tensors[ann.module] = tensors
+            done[w_node.target] = tensors
+            self._weights[w_node.target] = weight
             prefix = w_node.target.rsplit(".", 1)[0] if "." in w_node.target else ""
             new = self._emit(gm, node, ann, x, b_node, owner, prefix, tensors, weight)
             node.replace_all_uses_with(new)
