@@ -3,7 +3,10 @@
 ``quantize(..., config=...)`` accepts three spellings of the same thing, all normalized by
 :meth:`QuantizeConfig.coerce`:
 
-* a **preset name** such as ``"w8a8"`` (see :data:`PRESETS`; ``None`` means :data:`DEFAULT_PRESET`);
+* a **preset name** such as ``"w8a8"`` (see :data:`PRESETS`; ``None`` means :data:`DEFAULT_PRESET`),
+  or one of the paper's baselines and settings in :data:`BASELINE_PRESETS` (``"baseline-w8a8"``,
+  ``"ptq4dit-w8a8"``, ``"smooth-plus-w8a8"``, ``"svdquant-w4a8"``, ``"svdquant-w4a4"``,
+  ``"segquant-a-w8a8"``, ``"segquant-g-w8a8"``);
 * a **dict** in the seed's format: a required ``"default"`` entry plus ``fnmatch`` globs on fully
   qualified module names (``"transformer_blocks.*.ff.net.2"``);
 * a :class:`QuantizeConfig`, built from the frozen, keyword-only dataclasses below.
@@ -18,8 +21,10 @@ Dict format (every key optional except ``"default"``; missing keys take the defa
             "real_quant": False,         # True -> real low-bit kernels, False -> fake quant
             "dual_scale": True,          # DualScale for linears matched by "activation_to_linear"
             "opt": {"type": "smooth", "alpha": 0.5,
-                    "search_alpha_config": {"enable": False, "min": 0.0, "max": 1.0, "step": 0.1}},
-            "calib": {"type": "amax"},
+                    "search_alpha_config": {"enable": False, "min": 0.0, "max": 1.0, "step": 0.1,
+                                            "rows": 2048, "cpu_storage": False, "state_file": None},
+                    "per_segment_smoothing": False},
+            "calib": {"type": "amax"},        # percentile | mse | gptq, options in CalibConfig
             "input_quant": {"type": "int8", "axis": None, "dynamic": False, "symmetric": True,
                             "group_size": None},
             "weight_quant": {"type": "int8", "axis": None, "dynamic": False, "symmetric": True,
@@ -125,6 +130,7 @@ __all__ = [
     "get_preset",
     "DEFAULT_PRESET",
     "PRESETS",
+    "BASELINE_PRESETS",
     "W8A8",
     "W8A8_FP8",
     "W8A8_DYNAMIC",
@@ -132,6 +138,13 @@ __all__ = [
     "W4A4",
     "W4A16",
     "W8A16",
+    "BASELINE_W8A8",
+    "PTQ4DIT_W8A8",
+    "SMOOTH_PLUS_W8A8",
+    "SVDQUANT_W4A8",
+    "SVDQUANT_W4A4",
+    "SEGQUANT_A_W8A8",
+    "SEGQUANT_G_W8A8",
 ]
 
 CONFIG_VERSION = 1
@@ -422,6 +435,10 @@ class _Section:
     _OPTIONS: ClassVar[Mapping[str, frozenset[str]]] = MappingProxyType({})
     _ALIASES: ClassVar[Mapping[str, str]] = MappingProxyType({})
     _NESTED: ClassVar[Mapping[str, Any]] = MappingProxyType({})
+    # Options that ``to_dict`` leaves out while they hold their default value, per type (key ``None``
+    # for sections without a type). Options added after the first release are listed here, so that
+    # the dict of a config that does not use them reads exactly as before.
+    _OMIT_DEFAULT: ClassVar[Mapping[str | None, frozenset[str]]] = MappingProxyType({})
 
     @classmethod
     def _keys(cls) -> tuple[str, ...]:
@@ -451,11 +468,16 @@ class _Section:
 
     def to_dict(self) -> dict[str, Any]:
         """Return the section in the seed's dict format (``type`` plus the options that apply)."""
-        applicable = self._applicable(getattr(self, "type", None))
+        type_ = getattr(self, "type", None)
+        applicable = self._applicable(type_)
+        omit = self._OMIT_DEFAULT.get(type_, frozenset())
+        defaults = {f.name: f.default for f in fields(self)}  # type: ignore[arg-type]
         out: dict[str, Any] = {}
         for name in self._keys():
             if name == "type" or name in applicable:
                 value = getattr(self, name)
+                if name in omit and value == defaults[name]:
+                    continue
                 out[name] = value.to_dict() if isinstance(value, _Section) else value
         return out
 
@@ -595,17 +617,34 @@ class QuantSpec(_Section):
 class SearchAlphaConfig(_Section):
     """Grid search of the SmoothQuant migration strength ``alpha`` (per layer / segment).
 
+    The grid is ``min, min + step, ...`` up to and **including** ``max`` (the reference skips its
+    last value). Every candidate is scored layer-locally on a random sample of the layer's own
+    calibration inputs (a row reservoir filled during the single calibration pass), so the model runs
+    once per calibration item whatever the grid size. The score of a segment is the squared error of
+    its output contribution ``X_t W_t^T`` after quantization (weights rounded to nearest during the
+    search, even when GPTQ rounds the final weights). Ties go to the value closest to ``opt.alpha``.
+
     Attributes:
         enable: Run the search; otherwise ``OptConfig.alpha`` is used as is.
         min: Lowest alpha tried, in [0, 1].
         max: Highest alpha tried, in [0, 1] and >= ``min``. Unlike the reference, it is evaluated.
         step: Grid step, > 0.
+        rows: Size of the per-layer input-row reservoir the candidates are scored on (>= 1).
+        cpu_storage: Keep the reservoirs in CPU memory instead of on the model's device.
+        state_file: JSON file holding the errors evaluated so far; a search finds it and skips the
+            points already evaluated, and writes it after every layer (``quantize(search_state=...)``
+            overrides it). ``None``: no file.
     """
 
     enable: bool = False
     min: float = 0.0
     max: float = 1.0
     step: float = 0.1
+    rows: int = 2048
+    cpu_storage: bool = False
+    state_file: str | None = None
+
+    _OMIT_DEFAULT = MappingProxyType({None: frozenset({"rows", "cpu_storage", "state_file"})})
 
     def __post_init__(self) -> None:
         _check_bool("enable", self.enable)
@@ -614,6 +653,27 @@ class SearchAlphaConfig(_Section):
         if self.min > self.max:
             raise _error("min", self.min, f"must not exceed max = {self.max!r}")
         _check_float("step", self.step, 0.0, 1.0, low_open=True)
+        _check_int("rows", self.rows, minimum=1)
+        _check_bool("cpu_storage", self.cpu_storage)
+        if self.state_file is not None and (not isinstance(self.state_file, str) or not self.state_file):
+            raise _error("state_file", self.state_file, "expected a non-empty path string or None")
+
+    @property
+    def grid(self) -> tuple[float, ...]:
+        """The candidate alphas, ``min`` to ``max`` inclusive (``max`` is always the last value).
+
+        Example:
+            >>> SearchAlphaConfig(min=0.0, max=1.0, step=0.25).grid
+            (0.0, 0.25, 0.5, 0.75, 1.0)
+            >>> SearchAlphaConfig(min=0.2, max=0.5, step=0.2).grid
+            (0.2, 0.4, 0.5)
+        """
+        n = int(math.floor((self.max - self.min) / self.step + 1e-9))
+        values = [round(self.min + i * self.step, 10) for i in range(n + 1)]
+        values = [v for v in values if v <= self.max + 1e-12]
+        if abs(values[-1] - self.max) > 1e-9:
+            values.append(float(self.max))
+        return tuple(float(v) for v in values)
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> SearchAlphaConfig:
@@ -640,8 +700,17 @@ class OptConfig(_Section):
             low-rank branch kept in high precision).
         alpha: SmoothQuant migration strength in [0, 1] (``smooth``/``svd``).
         search_alpha_config: Optional alpha grid search (``smooth``/``svd``).
-        low_rank: Rank of the SVD branch, > 0; required for ``svd``.
+        low_rank: Rank of the SVD branch, > 0; required for ``svd``. The rank is per smoothing
+            domain: one SVD of the whole smoothed weight (input segments share it: per-input-segment
+            SVDs of rank ``r`` would cost ``nseg * r``), or one per output segment with
+            ``per_segment_smoothing``.
         precision: ``"float32"`` or ``"float64"``: dtype of the SVD (``svd``).
+        per_segment_smoothing: Output-segmented (SegLinear ``linear_to_chunk``/``split``) layers get
+            one smoothing vector (over all input channels, with its own alpha) per output segment, as
+            in the reference; ``x / s_i`` then differs per segment, so the layer runs one
+            quantize + qlinear per output segment and concatenates. ``False``: one smoothing vector per
+            layer. Input segments always get their own alpha when alpha is searched
+            (``smooth``/``svd``).
     """
 
     type: str = "smooth"
@@ -649,16 +718,20 @@ class OptConfig(_Section):
     search_alpha_config: SearchAlphaConfig = SearchAlphaConfig()
     low_rank: int | None = None
     precision: str = "float64"
+    per_segment_smoothing: bool = False
 
     _TYPES = OPT_TYPES
     _OPTIONS = MappingProxyType(
         {
             "default": frozenset(),
-            "smooth": frozenset({"alpha", "search_alpha_config"}),
-            "svd": frozenset({"alpha", "search_alpha_config", "low_rank", "precision"}),
+            "smooth": frozenset({"alpha", "search_alpha_config", "per_segment_smoothing"}),
+            "svd": frozenset({"alpha", "search_alpha_config", "low_rank", "precision", "per_segment_smoothing"}),
         }
     )
     _NESTED = MappingProxyType({"search_alpha_config": SearchAlphaConfig})
+    _OMIT_DEFAULT = MappingProxyType(
+        {"smooth": frozenset({"per_segment_smoothing"}), "svd": frozenset({"per_segment_smoothing"})}
+    )
 
     def __post_init__(self) -> None:
         _check_choice("type", self.type, OPT_TYPES)
@@ -667,6 +740,7 @@ class OptConfig(_Section):
             raise _error("search_alpha_config", self.search_alpha_config, "expected a SearchAlphaConfig")
         _check_int("low_rank", self.low_rank, minimum=1, allow_none=True)
         _check_choice("precision", self.precision, ("float32", "float64"))
+        _check_bool("per_segment_smoothing", self.per_segment_smoothing)
         if self.type == "svd" and self.low_rank is None:
             raise _error("low_rank", None, "opt.type 'svd' requires low_rank (an int > 0, e.g. 32)")
         self._check_applicable()
@@ -692,18 +766,38 @@ class CalibConfig(_Section):
     """How scales are calibrated (``calib`` section).
 
     ``amax``, ``percentile`` and ``mse`` calibrate static activation scales (weights always use their
-    own max); ``gptq`` rounds integer weights with GPTQ and uses amax for activations.
+    own max); ``gptq`` rounds integer weights with GPTQ and uses amax for activations. Every
+    calibrator works per activation segment and, with DualScale, per sign half (the positive half
+    from the positive values, the negative half from the negative ones). Dynamic (per-token)
+    activations have no static scale, so ``percentile``/``mse`` do not apply to them.
+
+    Bounded-memory estimates for ``percentile``/``mse``: an unsmoothed layer keeps a streaming
+    histogram per segment and sign (``bins`` bins over ``[0, r)``, ``r`` a power of two that doubles
+    when a larger value arrives, merging bin pairs exactly), over every calibration value. A
+    smoothed layer quantizes ``x / s``, and ``s`` depends on the whole calibration set (and on the
+    alpha search), so it keeps a uniform random reservoir of ``rows`` input rows instead and bins
+    ``x / s`` once ``s`` is known.
 
     Attributes:
         type: ``"amax"``, ``"percentile"``, ``"mse"`` or ``"gptq"``.
         percentile: Percentile of ``|x|`` used as the range, in (0, 100] (``percentile``).
-        num_candidates: Number of clipping ranges tried (``mse``), > 0.
+        num_candidates: Number of clipping ranges tried (``mse``), > 0: ``amax * i / n``, ``i = 1..n``.
         blocksize: GPTQ column block size, > 0 (``gptq``).
         percdamp: GPTQ Hessian damping as a fraction of the mean diagonal, in (0, 1] (``gptq``).
+            A Cholesky failure retries with 10x the damping, up to 10 times, then falls back to
+            round-to-nearest with a warning.
         groupsize: GPTQ group size; ``-1`` follows ``weight_quant.group_size`` (``gptq``).
-        actorder: GPTQ: process columns by decreasing Hessian diagonal (``gptq``).
-        static_groups: GPTQ: fix group scales before the column loop (``gptq``).
-        cpu_storage: GPTQ: keep Hessians in CPU memory (``gptq``).
+        actorder: GPTQ: process columns by decreasing Hessian diagonal (``gptq``). With groups,
+            act-order uses static group scales (columns keep their original groups).
+        static_groups: GPTQ: fix group scales from the weight before the column loop; otherwise
+            each group's scale is taken from the updated weights when the loop reaches the group
+            (``gptq``). Per-channel and per-tensor scales are always fixed before the loop.
+        cpu_storage: Keep calibration statistics in CPU memory: GPTQ Hessians (``gptq``) or the row
+            reservoirs of smoothed layers (``percentile``/``mse``).
+        rows: Row-reservoir size per smoothed layer (``percentile``/``mse``), >= 1.
+        bins: Histogram bins per segment and sign half (``percentile``/``mse``), an even number >= 8.
+        hessian_dtype: ``"float32"`` or ``"float64"``: accumulation dtype of the GPTQ Hessians
+            ``H = 2/n sum x x^T`` (``gptq``).
     """
 
     type: str = "amax"
@@ -715,16 +809,26 @@ class CalibConfig(_Section):
     actorder: bool = False
     static_groups: bool = False
     cpu_storage: bool = False
+    rows: int = 4096
+    bins: int = 2048
+    hessian_dtype: str = "float32"
 
     _TYPES = CALIB_TYPES
     _OPTIONS = MappingProxyType(
         {
             "amax": frozenset(),
-            "percentile": frozenset({"percentile"}),
-            "mse": frozenset({"num_candidates"}),
+            "percentile": frozenset({"percentile", "cpu_storage", "rows", "bins"}),
+            "mse": frozenset({"num_candidates", "cpu_storage", "rows", "bins"}),
             "gptq": frozenset(
-                {"blocksize", "percdamp", "groupsize", "actorder", "static_groups", "cpu_storage"}
+                {"blocksize", "percdamp", "groupsize", "actorder", "static_groups", "cpu_storage", "hessian_dtype"}
             ),
+        }
+    )
+    _OMIT_DEFAULT = MappingProxyType(
+        {
+            "percentile": frozenset({"cpu_storage", "rows", "bins"}),
+            "mse": frozenset({"cpu_storage", "rows", "bins"}),
+            "gptq": frozenset({"hessian_dtype"}),
         }
     )
 
@@ -737,6 +841,11 @@ class CalibConfig(_Section):
         _check_int("groupsize", self.groupsize, minimum=1, extra=(-1,))
         for name in ("actorder", "static_groups", "cpu_storage"):
             _check_bool(name, getattr(self, name))
+        _check_int("rows", self.rows, minimum=1)
+        _check_int("bins", self.bins, minimum=8)
+        if self.bins % 2:
+            raise _error("bins", self.bins, "expected an even number of bins")
+        _check_choice("hessian_dtype", self.hessian_dtype, ("float32", "float64"))
         self._check_applicable()
 
     @classmethod
@@ -1580,6 +1689,102 @@ W4A16 = _preset(
 W8A16 = _preset(input_quant=QuantSpec(type="fp16"), weight_quant=_INT8_PER_CHANNEL, opt=_PLAIN)
 """``w8a16``: weight-only INT8 per-channel; activations follow the model dtype."""
 
+# ------------------------------------------------------------- baselines and paper settings
+# The fidelity benchmark compares SegQuant with the baselines the paper reports. Each is a plain
+# config: switching SegLinear/DualScale off is ``seglinear=False, dual_scale=False`` and no patterns
+# searched. The 8-bit settings follow the paper's protocol (per-tensor activations AND weights; the
+# ``w8a8`` preset above uses per-channel weights instead), the 4-bit ones per-channel INT4 weights
+# and per-token dynamic activations.
+
+_INT8_PER_TENSOR = QuantSpec(type="int8")
+_INT8_PER_TOKEN = QuantSpec(type="int8", axis=-1, dynamic=True)
+_INT4_PER_TOKEN = QuantSpec(type="int4", axis=-1, dynamic=True)
+_ALPHA_SEARCH = SearchAlphaConfig(enable=True, min=0.0, max=1.0, step=0.1)
+
+
+def _paper_preset(
+    *,
+    input_quant: QuantSpec,
+    weight_quant: QuantSpec,
+    opt: OptConfig,
+    calib: CalibConfig = CalibConfig(),
+    segquant: bool,
+) -> QuantizeConfig:
+    layer = LayerConfig(
+        enable=True,
+        seglinear=segquant,
+        search_patterns=BUILTIN_PATTERNS if segquant else (),
+        real_quant=True,
+        dual_scale=segquant,
+        opt=opt,
+        calib=calib,
+        input_quant=input_quant,
+        weight_quant=weight_quant,
+    )
+    return QuantizeConfig(default=layer)
+
+
+BASELINE_W8A8 = _paper_preset(
+    input_quant=_INT8_PER_TENSOR, weight_quant=_INT8_PER_TENSOR, opt=_PLAIN, segquant=False
+)
+"""``baseline-w8a8``: plain per-tensor INT8 W8A8 (static activations, AMax), no smoothing, no
+SegLinear, no DualScale: the paper's "Baseline" row and the reference's ``baseline`` preset."""
+
+PTQ4DIT_W8A8 = _paper_preset(
+    input_quant=_INT8_PER_TENSOR, weight_quant=_INT8_PER_TENSOR, opt=_SMOOTH, segquant=False
+)
+"""``ptq4dit-w8a8``: "PTQ4DiT" as the reference runs it: SmoothQuant with fixed alpha 0.5, per-tensor
+INT8 W8A8, AMax, no SegLinear, no DualScale (PTQ4DiT's salience balancing is not part of it)."""
+
+SMOOTH_PLUS_W8A8 = _paper_preset(
+    input_quant=_INT8_PER_TENSOR,
+    weight_quant=_INT8_PER_TENSOR,
+    opt=OptConfig(type="smooth", alpha=0.5, search_alpha_config=_ALPHA_SEARCH),
+    segquant=False,
+)
+"""``smooth-plus-w8a8``: "Smooth+": SmoothQuant with a per-layer alpha grid search (0 to 1 step 0.1,
+both ends included), per-tensor INT8 W8A8, AMax, no SegLinear, no DualScale."""
+
+SVDQUANT_W4A8 = _paper_preset(
+    input_quant=_INT8_PER_TOKEN,
+    weight_quant=_INT4_PER_CHANNEL,
+    opt=OptConfig(type="svd", alpha=0.5, low_rank=64, search_alpha_config=_ALPHA_SEARCH),
+    calib=_GPTQ,
+    segquant=False,
+)
+"""``svdquant-w4a8``: SVDQuant: smoothing (alpha searched) plus a rank-64 16-bit low-rank branch, the
+residual in INT4 per-channel with GPTQ, INT8 per-token dynamic activations; no SegLinear/DualScale
+(the reference's SD3 W4A8 ``svdquant`` preset)."""
+
+SVDQUANT_W4A4 = _paper_preset(
+    input_quant=_INT4_PER_TOKEN,
+    weight_quant=_INT4_PER_CHANNEL,
+    opt=OptConfig(type="svd", alpha=0.5, low_rank=32),
+    calib=_GPTQ,
+    segquant=False,
+)
+"""``svdquant-w4a4``: SVDQuant W4A4: smoothing alpha 0.5, rank-32 low-rank branch, INT4 per-channel
+GPTQ residual, INT4 per-token dynamic activations; no SegLinear/DualScale (reference SD3 W4A4)."""
+
+SEGQUANT_A_W8A8 = _paper_preset(
+    input_quant=_INT8_PER_TENSOR,
+    weight_quant=_INT8_PER_TENSOR,
+    opt=OptConfig(type="smooth", alpha=0.5, search_alpha_config=_ALPHA_SEARCH, per_segment_smoothing=True),
+    segquant=True,
+)
+"""``segquant-a-w8a8``: SegQuant-A: SegLinear + DualScale, SmoothQuant with per-segment alpha search
+and one smoothing vector per output segment, AMax, per-tensor INT8 W8A8 (the paper's setting)."""
+
+SEGQUANT_G_W8A8 = _paper_preset(
+    input_quant=_INT8_PER_TENSOR,
+    weight_quant=_INT8_PER_TENSOR,
+    opt=OptConfig(type="smooth", alpha=0.5, search_alpha_config=_ALPHA_SEARCH, per_segment_smoothing=True),
+    calib=_GPTQ,
+    segquant=True,
+)
+"""``segquant-g-w8a8``: SegQuant-G: as ``segquant-a-w8a8`` with GPTQ weight rounding (Hessians of the
+smoothed inputs, shared by the output segments of a layer), AMax activations."""
+
 DEFAULT_PRESET = "w8a8"
 """The preset used when ``quantize`` gets ``config=None``."""
 
@@ -1596,12 +1801,25 @@ PRESETS: Mapping[str, QuantizeConfig] = MappingProxyType(
 )
 """Preset name -> config (read-only)."""
 
+BASELINE_PRESETS: Mapping[str, QuantizeConfig] = MappingProxyType(
+    {
+        "baseline-w8a8": BASELINE_W8A8,
+        "ptq4dit-w8a8": PTQ4DIT_W8A8,
+        "smooth-plus-w8a8": SMOOTH_PLUS_W8A8,
+        "svdquant-w4a8": SVDQUANT_W4A8,
+        "svdquant-w4a4": SVDQUANT_W4A4,
+        "segquant-a-w8a8": SEGQUANT_A_W8A8,
+        "segquant-g-w8a8": SEGQUANT_G_W8A8,
+    }
+)
+"""Named baselines and paper settings (read-only): ``get_preset``/``quantize`` accept these names too."""
+
 
 def get_preset(name: str) -> QuantizeConfig:
     """Return a preset by name; case and ``_`` vs ``-`` are ignored (``"W8A8_FP8"`` works).
 
     Args:
-        name: One of the keys of :data:`PRESETS`.
+        name: One of the keys of :data:`PRESETS` or :data:`BASELINE_PRESETS`.
 
     Returns:
         The preset config.
@@ -1613,4 +1831,10 @@ def get_preset(name: str) -> QuantizeConfig:
     try:
         return PRESETS[key]
     except (KeyError, TypeError):
-        raise ConfigError(f"unknown preset {name!r}; valid presets: {_fmt_allowed(PRESETS)}") from None
+        pass
+    try:
+        return BASELINE_PRESETS[key]
+    except (KeyError, TypeError):
+        raise ConfigError(
+            f"unknown preset {name!r}; valid presets: {_fmt_allowed([*PRESETS, *BASELINE_PRESETS])}"
+        ) from None
