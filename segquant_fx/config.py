@@ -725,7 +725,9 @@ class OptConfig(_Section):
         {
             "default": frozenset(),
             "smooth": frozenset({"alpha", "search_alpha_config", "per_segment_smoothing"}),
-            "svd": frozenset({"alpha", "search_alpha_config", "low_rank", "precision", "per_segment_smoothing"}),
+            "svd": frozenset(
+                {"alpha", "search_alpha_config", "low_rank", "precision", "per_segment_smoothing"}
+            ),
         }
     )
     _NESTED = MappingProxyType({"search_alpha_config": SearchAlphaConfig})
@@ -820,7 +822,15 @@ class CalibConfig(_Section):
             "percentile": frozenset({"percentile", "cpu_storage", "rows", "bins"}),
             "mse": frozenset({"num_candidates", "cpu_storage", "rows", "bins"}),
             "gptq": frozenset(
-                {"blocksize", "percdamp", "groupsize", "actorder", "static_groups", "cpu_storage", "hessian_dtype"}
+                {
+                    "blocksize",
+                    "percdamp",
+                    "groupsize",
+                    "actorder",
+                    "static_groups",
+                    "cpu_storage",
+                    "hessian_dtype",
+                }
             ),
         }
     )
