@@ -13,6 +13,10 @@ Rules, per ``aten.linear`` node (module ``m``, layer config ``c = config.layer_c
    DualScale only for static activations (per-token scales already adapt to each sign's range).
 4. Weight scales: per output channel, per group, or per tensor; per-tensor weights with output
    segments get one scale per output segment (SegLinear).
+4b. Optimizers: ``smooth``/``svd`` set ``smooth_alpha`` (statically quantized or dynamic
+   activations only); ``opt.per_segment_smoothing`` on an output-segmented layer sets
+   ``smooth_groups`` (one smoothing vector per output segment); ``svd`` sets ``low_rank``; an enabled
+   alpha search is carried in ``search`` and the calibrator in ``calib``.
 5. Layers the kernels cannot take (int4 with an odd K, group size not dividing K) stay float and say
    why in ``notes``.
 
@@ -33,7 +37,7 @@ import torch
 from torch import fx
 
 from segquant_fx.capture import node_module
-from segquant_fx.config import LayerConfig, QuantizeConfig
+from segquant_fx.config import CalibConfig, LayerConfig, QuantizeConfig, SearchAlphaConfig
 from segquant_fx.errors import ConfigError, PreconditionError
 from segquant_fx.passes.base import SEGQUANT_ANNOTATION_KEY, PassResult, SegQuantPass
 from segquant_fx.patterns import Match
@@ -57,11 +61,18 @@ class LinearAnnotation:
         dual_segments: Per input segment DualScale flags (None = every segment).
         weight_granularity: ``per_tensor`` / ``per_channel`` / ``per_group``.
         weight_group_size: Group size for ``per_group``.
-        smooth_alpha: SmoothQuant migration strength, or None for no smoothing.
+        smooth_alpha: SmoothQuant migration strength, or None for no smoothing (the starting point
+            and tie-breaker of an alpha search).
         real_quant: Emit real quantized ops (True) or fake quantization (False).
         in_features: K.
         out_features: N.
         plan: The layer plan this came from.
+        smooth_groups: Output segment sizes when every output segment gets its own smoothing vector
+            (``opt.per_segment_smoothing``), else ``()``.
+        low_rank: Rank of the SVDQuant low-rank branch (``opt.type == "svd"``), else None.
+        svd_precision: dtype name of the SVD (``"float32"``/``"float64"``).
+        search: The alpha search settings when alpha is searched, else None.
+        calib: The calibrator settings.
     """
 
     module: str
@@ -79,6 +90,11 @@ class LinearAnnotation:
     in_features: int
     out_features: int
     plan: LayerPlan = field(compare=False)
+    smooth_groups: tuple[int, ...] = ()
+    low_rank: int | None = None
+    svd_precision: str = "float64"
+    search: SearchAlphaConfig | None = None
+    calib: CalibConfig = CalibConfig()
 
 
 def annotations(gm: fx.GraphModule) -> dict[str, LinearAnnotation]:
@@ -108,6 +124,8 @@ def _annotation(name: str, node: fx.Node, plan: LayerPlan, c: LayerConfig) -> tu
     if group is not None and k % group:
         return None, f"group_size {group} does not divide in_features {k}"
     alpha = c.opt.alpha if c.opt.type in ("smooth", "svd") and aq is not None else None
+    search = c.opt.search_alpha_config if alpha is not None and c.opt.search_alpha_config.enable else None
+    groups = out_seg if alpha is not None and c.opt.per_segment_smoothing and len(out_seg) > 1 else ()
     ann = LinearAnnotation(
         module=name,
         act_qtype=aq,
@@ -124,6 +142,11 @@ def _annotation(name: str, node: fx.Node, plan: LayerPlan, c: LayerConfig) -> tu
         in_features=k,
         out_features=n,
         plan=plan,
+        smooth_groups=groups,
+        low_rank=c.opt.low_rank if c.opt.type == "svd" else None,
+        svd_precision=c.opt.precision,
+        search=search,
+        calib=c.calib,
     )
     return ann, ""
 
@@ -182,7 +205,9 @@ def _unify_call_sites(gm: fx.GraphModule) -> None:
         anns = {n.meta[SEGQUANT_ANNOTATION_KEY] for n in nodes}
         if len(anns) > 1:
             first = nodes[0].meta[SEGQUANT_ANNOTATION_KEY]
-            plain = dataclasses.replace(first, in_segments=(), out_segments=(), dual=False, dual_segments=None)
+            plain = dataclasses.replace(
+                first, in_segments=(), out_segments=(), dual=False, dual_segments=None, smooth_groups=()
+            )
             for n in nodes:
                 n.meta[SEGQUANT_ANNOTATION_KEY] = plain
 
@@ -204,3 +229,5 @@ def validate_annotations(gm: fx.GraphModule) -> None:
             raise PreconditionError(f"{ann.module}: input segments {ann.in_segments} != in_features {ann.in_features}")
         if ann.out_segments and sum(ann.out_segments) != ann.out_features:
             raise PreconditionError(f"{ann.module}: output segments {ann.out_segments} != out_features {ann.out_features}")
+        if ann.smooth_groups and sum(ann.smooth_groups) != ann.out_features:
+            raise PreconditionError(f"{ann.module}: smoothing groups {ann.smooth_groups} != out_features {ann.out_features}")

@@ -1,14 +1,20 @@
 """Calibration: a ``torch.fx.Interpreter`` that runs the float graph and feeds observers.
 
-``CalibrationInterpreter(gm)`` overrides ``run_node``: every node runs as usual; for annotated linears
-the input activation is handed to that node's observer first. Statistics live in a side table keyed by
-node name (``interp.observers``), never on tensors. Any failure is re-raised as
-:class:`~segquant_fx.errors.CalibrationError` naming the node.
+``CalibrationInterpreter(gm)`` overrides ``run_node``: every node runs as usual; the value of a node
+that feeds annotated linears is handed to their observer once, right after it is computed. Linears
+reading the same tensor (``to_q``/``to_k``/``to_v``) share one observer, so per-input statistics (a
+GPTQ Hessian, a row reservoir) are collected once per tensor, not once per linear. Statistics live
+in a side table keyed by linear node name (``interp.observers``), never on tensors. Any failure is
+re-raised as :class:`~segquant_fx.errors.CalibrationError` naming the node.
+
+What an observer collects follows the annotations (:func:`observer_needs`): per-channel extremes
+always; a row reservoir for an alpha search, or for percentile/MSE calibration of a smoothed layer;
+streaming histograms for percentile/MSE calibration of an unsmoothed layer; a Hessian for GPTQ.
 
 ``calibrate(gm, items, in_spec)`` streams over any iterable of calibration items (kwargs dicts keyed by
 forward parameter names, positional tuples, or ``(args, kwargs)``), validating the first one against
-the forward signature, with a tqdm progress bar. Memory is bounded: observers keep per-channel vectors
-only, and items are not retained.
+the forward signature, with a tqdm progress bar. Memory is bounded: observers keep per-channel vectors,
+fixed-size reservoirs, histograms and ``K x K`` Hessians only, and items are not retained.
 """
 
 from __future__ import annotations
@@ -24,10 +30,38 @@ from tqdm.auto import tqdm
 
 from segquant_fx.capture import normalize_example
 from segquant_fx.errors import CalibrationError, CaptureError, SegQuantError
-from segquant_fx.passes.annotate import annotations
-from segquant_fx.passes.observers import ChannelMinMaxObserver
+from segquant_fx.passes.annotate import LinearAnnotation, annotations
+from segquant_fx.passes.observers import ChannelMinMaxObserver, LinearInputObserver, ObserverNeeds
 
-__all__ = ["CalibrationInterpreter", "calibrate", "flatten_inputs", "bind_inputs"]
+__all__ = ["CalibrationInterpreter", "calibrate", "flatten_inputs", "bind_inputs", "observer_needs"]
+
+_HIST_CALIBRATORS = ("percentile", "mse")
+
+
+def observer_needs(ann: LinearAnnotation) -> ObserverNeeds:
+    """What the observer of ``ann``'s input must collect for the layer's optimizer and calibrator."""
+    smoothing = ann.smooth_alpha is not None
+    static_act = ann.act_qtype is not None and not ann.act_dynamic
+    rows, cpu = 0, False
+    if smoothing and ann.search is not None:
+        rows, cpu = ann.search.rows, ann.search.cpu_storage
+    hists: tuple[tuple[int, ...], ...] = ()
+    calib = ann.calib
+    if static_act and calib.type in _HIST_CALIBRATORS:
+        if smoothing:  # x / s is only known after calibration: keep rows, bin x / s later
+            rows, cpu = max(rows, calib.rows), cpu or calib.cpu_storage
+        else:
+            hists = (tuple(ann.in_segments),)
+    gptq = calib.type == "gptq"
+    return ObserverNeeds(
+        reservoir_rows=rows,
+        reservoir_cpu=cpu,
+        hessian=gptq,
+        hessian_dtype=torch.float64 if gptq and calib.hessian_dtype == "float64" else torch.float32,
+        hessian_cpu=gptq and calib.cpu_storage,
+        histograms=hists,
+        bins=calib.bins if calib.type in _HIST_CALIBRATORS else 2048,
+    )
 
 
 class CalibrationInterpreter(fx.Interpreter):
@@ -35,24 +69,51 @@ class CalibrationInterpreter(fx.Interpreter):
 
     Args:
         gm: The annotated graph module (params reachable through ``get_attr``).
-        observer_factory: Builds an observer from ``(in_features, name)``.
+        observer_factory: Builds an observer from ``(in_features, name=...)``; default: a
+            :class:`~segquant_fx.passes.observers.LinearInputObserver` collecting what the
+            annotations of the linears reading that tensor need.
     """
 
-    def __init__(self, gm: fx.GraphModule, observer_factory: Callable[..., Any] = ChannelMinMaxObserver):
+    def __init__(self, gm: fx.GraphModule, observer_factory: Callable[..., Any] | None = None):
         super().__init__(gm, garbage_collect_values=True)
-        self.observers: dict[str, ChannelMinMaxObserver] = {
-            name: observer_factory(ann.in_features, name=f"{name} ({ann.module})")
-            for name, ann in annotations(gm).items()
-        }
+        anns = annotations(gm)
+        nodes = {n.name: n for n in gm.graph.nodes if n.name in anns}
+        readers: dict[str, list[str]] = {}
+        for name in anns:
+            x = nodes[name].args[0]
+            readers.setdefault(x.name if isinstance(x, fx.Node) else f"<{name}>", []).append(name)
+        self.observers: dict[str, ChannelMinMaxObserver] = {}
+        self._at_node: dict[str, ChannelMinMaxObserver] = {}
+        self._per_linear: dict[str, ChannelMinMaxObserver] = {}
+        for key, names in readers.items():
+            first = anns[names[0]]
+            modules = ", ".join(dict.fromkeys(anns[n].module for n in names))
+            label = f"{names[0]} ({modules})"
+            if observer_factory is not None:
+                obs = observer_factory(first.in_features, name=label)
+            else:
+                needs = ObserverNeeds()
+                for n in names:
+                    needs = needs.union(observer_needs(anns[n]))
+                obs = LinearInputObserver(first.in_features, name=label, needs=needs)
+            for n in names:
+                self.observers[n] = obs
+            if key.startswith("<"):
+                self._per_linear[names[0]] = obs  # input is not a node: observe at the linear
+            else:
+                self._at_node[key] = obs
 
     def run_node(self, n: fx.Node) -> Any:
-        """Run ``n``; observe its input first if it is an annotated linear."""
+        """Run ``n``; hand its value to the observer of the linears that read it."""
         try:
-            obs = self.observers.get(n.name)
+            pre = self._per_linear.get(n.name)
+            if pre is not None:
+                pre(self.env[n.args[0]] if isinstance(n.args[0], fx.Node) else n.args[0])
+            out = super().run_node(n)
+            obs = self._at_node.get(n.name)
             if obs is not None:
-                x = self.env[n.args[0]]
-                obs(x)
-            return super().run_node(n)
+                obs(out)
+            return out
         except SegQuantError:
             raise
         except Exception as e:
@@ -116,13 +177,16 @@ def calibrate(
     *,
     progress: bool = True,
     max_items: int | None = None,
+    observer_factory: Callable[..., Any] | None = None,
 ) -> tuple[dict[str, ChannelMinMaxObserver], int]:
-    """Run calibration; returns (node name -> observer, number of items seen).
+    """Run calibration; returns (linear node name -> observer, number of items seen).
+
+    Linears reading the same tensor share their observer (the same object in the dict).
 
     Raises:
         CalibrationError: On an empty iterable, a mismatched item, a failing node, or NaN/Inf.
     """
-    interp = CalibrationInterpreter(gm)
+    interp = CalibrationInterpreter(gm, observer_factory)
     n = 0
     total = max_items if max_items is not None else (len(items) if hasattr(items, "__len__") else None)
     bar = tqdm(total=total, desc="calibrating", unit="item", disable=not progress, leave=False)

@@ -8,18 +8,47 @@ quantizer needs derives from them, for any smoothing vector ``s > 0`` chosen aft
 * amax of segment ``t`` of ``x / s``: ``max_{k in t} max(pos_k, -neg_k) / s_k``;
 * DualScale extremes of ``x / s`` per segment: ``max pos_k / s_k`` and ``min neg_k / s_k``;
 * SmoothQuant's per-channel ``max|x|``: ``max(pos_k, -neg_k)``.
+
+The optimizers need more than extremes, always with bounded memory:
+
+* :class:`RowReservoir`: a uniform random sample of at most ``capacity`` input rows (bottom-k of
+  random keys, so the sample is exactly uniform over all rows seen, whatever the batch sizes). The
+  alpha search scores every candidate on it layer-locally, and percentile/MSE calibration of a
+  smoothed layer bins ``x / s`` from it once ``s`` is known.
+* :class:`HessianAccumulator`: ``sum x x^T`` and the row count for GPTQ (``H = 2/n sum x x^T``), of
+  the *raw* input: the Hessian of the smoothed input ``x / s`` is ``H / (s s^T)``, so one Hessian
+  serves every smoothing vector (alpha candidates, output segments) without recomputation.
+* :class:`StreamingHistogram`: per segment and sign, counts of ``|x|`` in ``bins`` bins over
+  ``[0, r)``; ``r`` is a power of two that doubles when a larger value arrives (bin pairs merge
+  exactly), so the histogram covers every value seen at a resolution of ``r / bins``.
+
+:class:`LinearInputObserver` bundles them (it *is* a :class:`ChannelMinMaxObserver`, so everything
+that reads extremes keeps working); what it collects is set per layer by the optimizers' needs.
 """
 
 from __future__ import annotations
 
 import functools
+import math
+import zlib
+from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from segquant_fx.errors import CalibrationError
 
-__all__ = ["ObserverBase", "ChannelMinMaxObserver"]
+__all__ = [
+    "ObserverBase",
+    "ChannelMinMaxObserver",
+    "RowReservoir",
+    "HessianAccumulator",
+    "StreamingHistogram",
+    "ObserverNeeds",
+    "LinearInputObserver",
+    "merge_observers",
+]
 
 
 class ObserverBase(torch.nn.Module):
@@ -65,7 +94,9 @@ class ChannelMinMaxObserver(ObserverBase):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Record ``x``'s per-channel extremes; return ``x``."""
         if x.shape[-1] != self.in_features:
-            raise CalibrationError(f"{self.name}: observed last dim {x.shape[-1]}, expected {self.in_features}")
+            raise CalibrationError(
+                f"{self.name}: observed last dim {x.shape[-1]}, expected {self.in_features}"
+            )
         flat = x.detach().reshape(-1, self.in_features)
         if flat.numel() == 0:
             return x
@@ -87,7 +118,9 @@ class ChannelMinMaxObserver(ObserverBase):
         """Per-channel ``max |x|``."""
         return torch.maximum(self.pos_max, -self.neg_min)
 
-    def segment_stats(self, segments: tuple[int, ...], smooth: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    def segment_stats(
+        self, segments: tuple[int, ...], smooth: torch.Tensor | None = None
+    ) -> dict[str, torch.Tensor]:
         """Per-segment ``amax``, ``pos_max`` and ``neg_min`` of ``x / smooth`` (float32 ``[nseg]``)."""
         pos, neg = self.pos_max, self.neg_min
         if smooth is not None:
@@ -97,3 +130,395 @@ class ChannelMinMaxObserver(ObserverBase):
         p = torch.stack([t.max() for t in pos.split(sizes)])
         n = torch.stack([t.min() for t in neg.split(sizes)])
         return {"amax": torch.maximum(p, -n), "pos_max": p, "neg_min": n}
+
+
+class RowReservoir:
+    """A uniform random sample of at most ``capacity`` rows of a stream of ``[M, K]`` batches.
+
+    Every row gets a random key from a seeded generator; the reservoir holds the rows with the
+    ``capacity`` smallest keys seen so far (bottom-k sampling), which is a uniform sample without
+    replacement of all rows, deterministic for a given seed and stream.
+
+    Args:
+        in_features: K.
+        capacity: Most rows kept.
+        cpu_storage: Keep the rows in CPU memory (else on the device of the observed tensors).
+        seed: Seed of the key generator.
+    """
+
+    def __init__(self, in_features: int, capacity: int, *, cpu_storage: bool = False, seed: int = 0):
+        self.in_features = in_features
+        self.capacity = int(capacity)
+        self.cpu_storage = cpu_storage
+        self.rows: torch.Tensor | None = None
+        self.keys = torch.empty(0, dtype=torch.float64)
+        self.seen = 0
+        self._gen = torch.Generator().manual_seed(seed)
+
+    def update(self, flat: torch.Tensor) -> None:
+        """Offer the rows of ``flat`` ``[M, K]``."""
+        m = flat.shape[0]
+        if m == 0:
+            return
+        u = torch.rand(m, generator=self._gen, dtype=torch.float64)
+        self.seen += m
+        full = self.keys.numel() >= self.capacity
+        if full:
+            cand = (u < self.keys.max()).nonzero().flatten()
+            if cand.numel() == 0:
+                return
+        else:
+            cand = torch.arange(m)
+        store = torch.device("cpu") if self.cpu_storage else flat.device
+        new_rows = flat.detach()[cand.to(flat.device)].to(store)
+        keys = torch.cat([self.keys, u[cand]])
+        rows = new_rows if self.rows is None else torch.cat([self.rows, new_rows.to(self.rows.dtype)])
+        if keys.numel() > self.capacity:
+            keep = torch.topk(keys, self.capacity, largest=False).indices.sort().values
+            keys = keys[keep]
+            rows = rows[keep.to(rows.device)]
+        self.keys, self.rows = keys, rows
+
+    def sample(
+        self, device: torch.device | str | None = None, dtype: torch.dtype = torch.float32
+    ) -> torch.Tensor:
+        """The kept rows ``[n, K]`` (``n = min(capacity, rows seen)``)."""
+        if self.rows is None:
+            return torch.empty(0, self.in_features, dtype=dtype, device=device)
+        return self.rows.to(device=device if device is not None else self.rows.device, dtype=dtype)
+
+    @staticmethod
+    def merged(parts: Sequence[RowReservoir]) -> RowReservoir:
+        """One reservoir holding the bottom-k rows of several (call sites of one module)."""
+        first = parts[0]
+        out = RowReservoir(first.in_features, max(p.capacity for p in parts), cpu_storage=first.cpu_storage)
+        rows = [p.rows for p in parts if p.rows is not None]
+        if rows:
+            dev = rows[0].device
+            keys = torch.cat([p.keys for p in parts if p.rows is not None])
+            allrows = torch.cat([r.to(dev, rows[0].dtype) for r in rows])
+            keep = torch.topk(keys, min(out.capacity, keys.numel()), largest=False).indices.sort().values
+            out.keys, out.rows = keys[keep], allrows[keep.to(dev)]
+        out.seen = sum(p.seen for p in parts)
+        return out
+
+
+class HessianAccumulator:
+    """Running ``sum x x^T`` over rows, for GPTQ's ``H = 2/n sum x x^T`` of a linear's input.
+
+    Args:
+        in_features: K.
+        dtype: Accumulation dtype (float32 or float64).
+        cpu_storage: Keep the sum in (pinned) CPU memory; each batch's ``x^T x`` is still computed on
+            the device of ``x``.
+    """
+
+    def __init__(self, in_features: int, *, dtype: torch.dtype = torch.float32, cpu_storage: bool = False):
+        self.in_features = in_features
+        self.dtype = dtype
+        self.cpu_storage = cpu_storage
+        self.sum: torch.Tensor | None = None
+        self.n = 0
+
+    def _alloc(self, device: torch.device) -> torch.Tensor:
+        k = self.in_features
+        if self.cpu_storage:
+            t = torch.zeros(k, k, dtype=self.dtype)
+            if torch.cuda.is_available():
+                try:
+                    t = t.pin_memory()
+                except RuntimeError:  # pragma: no cover - pinning can fail under memory pressure
+                    pass
+            return t
+        return torch.zeros(k, k, dtype=self.dtype, device=device)
+
+    def update(self, flat: torch.Tensor) -> None:
+        """Add the rows of ``flat`` ``[M, K]``."""
+        if flat.shape[0] == 0:
+            return
+        x = flat.detach().to(self.dtype)
+        if self.sum is None:
+            self.sum = self._alloc(x.device)
+        if self.cpu_storage and x.device.type != "cpu":
+            self.sum.add_((x.T @ x).cpu())
+        else:
+            self.sum.addmm_(x.T, x)
+        self.n += flat.shape[0]
+
+    def hessian(
+        self, device: torch.device | str | None = None, dtype: torch.dtype | None = None
+    ) -> torch.Tensor:
+        """``2/n sum x x^T`` (zeros if nothing was seen)."""
+        dev = device if device is not None else (self.sum.device if self.sum is not None else "cpu")
+        dt = dtype or self.dtype
+        if self.sum is None or self.n == 0:
+            return torch.zeros(self.in_features, self.in_features, dtype=dt, device=dev)
+        return (
+            self.sum.to(device=dev, dtype=torch.float64 if dt == torch.float64 else self.dtype)
+            * (2.0 / self.n)
+        ).to(dt)
+
+    @staticmethod
+    def merged(parts: Sequence[HessianAccumulator]) -> HessianAccumulator:
+        """The accumulator of all rows of ``parts``."""
+        out = HessianAccumulator(parts[0].in_features, dtype=parts[0].dtype, cpu_storage=parts[0].cpu_storage)
+        for p in parts:
+            if p.sum is None:
+                continue
+            out.sum = p.sum.clone() if out.sum is None else out.sum + p.sum.to(out.sum.device)
+            out.n += p.n
+        return out
+
+
+def _segment_index(segments: Sequence[int], k: int, device: torch.device) -> torch.Tensor:
+    sizes = list(segments) if segments else [k]
+    return torch.repeat_interleave(
+        torch.arange(len(sizes), device=device), torch.tensor(sizes, device=device)
+    )
+
+
+class StreamingHistogram:
+    """Per segment and sign half, a histogram of ``|x|`` over all observed values.
+
+    ``counts[t, 0]`` counts positive values, ``counts[t, 1]`` negative ones (by magnitude), each in
+    ``bins`` bins of width ``range[t] / bins`` over ``[0, range[t])``; exact zeros are counted in
+    ``zeros[t]``. ``range[t]`` is the smallest power of two >= the largest magnitude seen; when a
+    larger value arrives the range doubles (as often as needed) and bin pairs merge, which is exact.
+    ``maxval[t, h]`` keeps the exact largest magnitude of each half.
+
+    Args:
+        in_features: K.
+        segments: Segment sizes along K (``()``: one segment).
+        bins: Number of bins, even.
+    """
+
+    def __init__(self, in_features: int, segments: Sequence[int] = (), bins: int = 2048):
+        if bins % 2 or bins < 2:
+            raise ValueError(f"bins must be even, got {bins}")
+        self.in_features = in_features
+        self.segments = tuple(segments)
+        self.bins = bins
+        n = len(self.segments) if self.segments else 1
+        self.counts = torch.zeros(n, 2, bins, dtype=torch.float64)
+        self.zeros = torch.zeros(n, dtype=torch.float64)
+        self.range = torch.zeros(n, dtype=torch.float64)
+        self.maxval = torch.zeros(n, 2, dtype=torch.float64)
+        self._seg: torch.Tensor | None = None
+
+    @property
+    def num_segments(self) -> int:
+        """Number of segments."""
+        return self.counts.shape[0]
+
+    def _to(self, device: torch.device) -> None:
+        if self.counts.device != device:
+            self.counts = self.counts.to(device)
+            self.zeros = self.zeros.to(device)
+            self.range = self.range.to(device)
+            self.maxval = self.maxval.to(device)
+            self._seg = None
+        if self._seg is None:
+            self._seg = _segment_index(self.segments, self.in_features, device)
+
+    def _grow(self, new_max: torch.Tensor) -> None:
+        """Double the range of every segment whose values exceed it (merging bin pairs)."""
+        need = new_max > self.range
+        if not bool(need.any()):
+            return
+        for t in need.nonzero().flatten().tolist():
+            m = float(new_max[t])
+            r = float(self.range[t])
+            target = 2.0 ** math.ceil(math.log2(m)) if m > 0 else 0.0
+            if target < m:  # log2 rounding
+                target *= 2.0
+            if r == 0.0:
+                self.range[t] = target
+                continue
+            c = self.counts[t]
+            while r < target:
+                merged = c.reshape(2, self.bins // 2, 2).sum(-1)
+                c = torch.cat([merged, torch.zeros_like(merged)], dim=-1)
+                r *= 2.0
+            self.counts[t] = c
+            self.range[t] = r
+
+    @torch.no_grad()
+    def update(self, x: torch.Tensor) -> None:
+        """Add every value of ``x`` (``[..., K]``)."""
+        flat = x.detach().reshape(-1, self.in_features)
+        if flat.numel() == 0:
+            return
+        self._to(flat.device)
+        v = flat.to(torch.float32)
+        mag = v.abs()
+        nseg = self.num_segments
+        colmax_pos = v.clamp(min=0).amax(0).double()
+        colmax_neg = (-v).clamp(min=0).amax(0).double()
+        seg_pos = torch.zeros(nseg, dtype=torch.float64, device=v.device).scatter_reduce(
+            0, self._seg, colmax_pos, "amax"
+        )
+        seg_neg = torch.zeros(nseg, dtype=torch.float64, device=v.device).scatter_reduce(
+            0, self._seg, colmax_neg, "amax"
+        )
+        self.maxval[:, 0] = torch.maximum(self.maxval[:, 0], seg_pos)
+        self.maxval[:, 1] = torch.maximum(self.maxval[:, 1], seg_neg)
+        self._grow(torch.maximum(seg_pos, seg_neg))
+        r = self.range.to(torch.float32)[self._seg]  # [K]
+        safe = torch.where(r > 0, r, torch.ones_like(r))
+        idx = torch.floor(mag * (self.bins / safe)).clamp_(0, self.bins - 1).long()
+        neg = (v < 0).long()
+        nz = mag > 0
+        flat_idx = ((self._seg[None, :] * 2 + neg) * self.bins + idx)[nz]
+        self.counts += (
+            torch.bincount(flat_idx, minlength=nseg * 2 * self.bins).reshape(nseg, 2, self.bins).double()
+        )
+        zeros_per_col = (~nz).sum(0).double()
+        self.zeros += torch.zeros(nseg, dtype=torch.float64, device=v.device).index_add_(
+            0, self._seg, zeros_per_col
+        )
+
+    def half(self, t: int, which: str) -> tuple[torch.Tensor, float, float, float]:
+        """``(counts [bins], range, maxval, zeros)`` of segment ``t``.
+
+        ``which``: ``"pos"`` (positive values), ``"neg"`` (magnitudes of negative values) or ``"abs"``
+        (every value's magnitude, zeros included).
+        """
+        r = float(self.range[t])
+        if which == "pos":
+            return self.counts[t, 0].cpu(), r, float(self.maxval[t, 0]), 0.0
+        if which == "neg":
+            return self.counts[t, 1].cpu(), r, float(self.maxval[t, 1]), 0.0
+        c = (self.counts[t, 0] + self.counts[t, 1]).cpu()
+        z = float(self.zeros[t])
+        c[0] += z
+        return c, r, float(self.maxval[t].max()), z
+
+    @staticmethod
+    def merged(parts: Sequence[StreamingHistogram]) -> StreamingHistogram:
+        """One histogram with the counts of several (ranges aligned by doubling)."""
+        first = parts[0]
+        out = StreamingHistogram(first.in_features, first.segments, first.bins)
+        dev = first.counts.device
+        out._to(dev)
+        out._grow(torch.stack([p.range.to(dev) for p in parts]).amax(0))
+        for p in parts:
+            q = StreamingHistogram(p.in_features, p.segments, p.bins)
+            q._to(dev)
+            q.counts, q.range = p.counts.to(dev).clone(), p.range.to(dev).clone()
+            q._grow(out.range)
+            out.counts += q.counts
+            out.zeros += p.zeros.to(dev)
+            out.maxval = torch.maximum(out.maxval, p.maxval.to(dev))
+        return out
+
+
+@dataclass(frozen=True)
+class ObserverNeeds:
+    """What a :class:`LinearInputObserver` collects besides per-channel extremes.
+
+    Attributes:
+        reservoir_rows: Row-reservoir capacity (0: none).
+        reservoir_cpu: Keep the reservoir in CPU memory.
+        hessian: Accumulate ``sum x x^T`` (GPTQ).
+        hessian_dtype: Its dtype.
+        hessian_cpu: Keep it in CPU memory.
+        histograms: Segment layouts to keep streaming histograms for.
+        bins: Histogram bins.
+    """
+
+    reservoir_rows: int = 0
+    reservoir_cpu: bool = False
+    hessian: bool = False
+    hessian_dtype: torch.dtype = torch.float32
+    hessian_cpu: bool = False
+    histograms: tuple[tuple[int, ...], ...] = ()
+    bins: int = 2048
+
+    def union(self, other: ObserverNeeds) -> ObserverNeeds:
+        """Collect what either needs (one observer serves every linear reading the same tensor)."""
+        dtype = torch.float64 if torch.float64 in (self.hessian_dtype, other.hessian_dtype) else torch.float32
+        return ObserverNeeds(
+            reservoir_rows=max(self.reservoir_rows, other.reservoir_rows),
+            reservoir_cpu=self.reservoir_cpu or other.reservoir_cpu,
+            hessian=self.hessian or other.hessian,
+            hessian_dtype=dtype,
+            hessian_cpu=self.hessian_cpu or other.hessian_cpu,
+            histograms=tuple(dict.fromkeys(self.histograms + other.histograms)),
+            bins=max(self.bins, other.bins),
+        )
+
+
+class LinearInputObserver(ChannelMinMaxObserver):
+    """Per-channel extremes plus what the optimizers need (:class:`ObserverNeeds`).
+
+    Args:
+        in_features: K.
+        name: What is observed, for error messages; also seeds the reservoir.
+        needs: What to collect besides the extremes.
+    """
+
+    def __init__(self, in_features: int, name: str = "", needs: ObserverNeeds | None = None):
+        super().__init__(in_features, name=name)
+        self.needs = needs or ObserverNeeds()
+        n = self.needs
+        seed = zlib.crc32(name.encode())
+        self.reservoir = (
+            RowReservoir(in_features, n.reservoir_rows, cpu_storage=n.reservoir_cpu, seed=seed)
+            if n.reservoir_rows > 0
+            else None
+        )
+        self.hessian = (
+            HessianAccumulator(in_features, dtype=n.hessian_dtype, cpu_storage=n.hessian_cpu)
+            if n.hessian
+            else None
+        )
+        self.histograms = {segs: StreamingHistogram(in_features, segs, n.bins) for segs in n.histograms}
+
+    def reset(self) -> None:
+        """Forget all statistics."""
+        super().reset()
+        self.__init__(self.in_features, self.name, self.needs)
+
+    @torch.no_grad()
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Record ``x``; return it."""
+        super().forward(x)
+        flat = x.detach().reshape(-1, self.in_features)
+        if flat.shape[0] == 0:
+            return x
+        if self.reservoir is not None:
+            self.reservoir.update(flat)
+        if self.hessian is not None:
+            self.hessian.update(flat)
+        for h in self.histograms.values():
+            h.update(flat)
+        return x
+
+
+def merge_observers(observers: Sequence[ChannelMinMaxObserver]) -> ChannelMinMaxObserver | None:
+    """One observer with the statistics of several (the call sites of one module); shared ones once."""
+    uniq = list({id(o): o for o in observers}.values())
+    if not uniq:
+        return None
+    if len(uniq) == 1:
+        return uniq[0]
+    first = uniq[0]
+    if all(isinstance(o, LinearInputObserver) for o in uniq):
+        needs = functools.reduce(ObserverNeeds.union, [o.needs for o in uniq])  # type: ignore[attr-defined]
+        out: ChannelMinMaxObserver = LinearInputObserver(first.in_features, first.name, needs)
+        res = [o.reservoir for o in uniq if o.reservoir is not None]  # type: ignore[attr-defined]
+        out.reservoir = RowReservoir.merged(res) if res else None  # type: ignore[attr-defined]
+        hs = [o.hessian for o in uniq if o.hessian is not None]  # type: ignore[attr-defined]
+        out.hessian = HessianAccumulator.merged(hs) if hs else None  # type: ignore[attr-defined]
+        for segs in needs.histograms:
+            parts = [o.histograms[segs] for o in uniq if segs in o.histograms]  # type: ignore[attr-defined]
+            out.histograms[segs] = StreamingHistogram.merged(parts)  # type: ignore[attr-defined]
+    else:
+        out = ChannelMinMaxObserver(first.in_features, name=first.name)
+    dev = first.pos_max.device
+    out.to(dev)
+    for o in uniq:
+        out.pos_max.copy_(torch.maximum(out.pos_max, o.pos_max.to(dev)))
+        out.neg_min.copy_(torch.minimum(out.neg_min, o.neg_min.to(dev)))
+        out.count += o.count
+    return out
