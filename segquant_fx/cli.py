@@ -8,6 +8,8 @@ Commands:
   capture the model and print its SegQuant pattern report. ``NAME`` is a built-in config
   (``segquant-fx inspect --list``); a user factory returns ``(model, example)`` or a model, in which
   case the file must also define ``example_inputs()``.
+* ``build-kernels [--arch 90a,80,89] [--out DIR] [--force] [--jobs N] [--example]``: compile
+  ``kernels_cuda/`` into ``libsegquant_kernels.so`` (see :mod:`segquant_fx.ops.build`).
 """
 
 from __future__ import annotations
@@ -119,6 +121,12 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_build_kernels(args: argparse.Namespace) -> int:
+    from segquant_fx.ops import build
+
+    return build.run_from_args(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of ``segquant-fx``."""
     parser = argparse.ArgumentParser(prog="segquant-fx", description=__doc__.split("\n")[0])
@@ -141,6 +149,12 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--out", help="save the quantized model to this directory")
     q.add_argument("--quiet", action="store_true", help="no progress bars")
     q.set_defaults(func=_cmd_quantize)
+
+    from segquant_fx.ops.build import add_arguments
+
+    b = sub.add_parser("build-kernels", help="compile the CUDA kernel library (kernels_cuda/) with nvcc")
+    add_arguments(b)
+    b.set_defaults(func=_cmd_build_kernels)
     return parser
 
 

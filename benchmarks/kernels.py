@@ -1,0 +1,563 @@
+#!/usr/bin/env python
+"""Benchmark: segquant CUDA kernels (sq_gemm through segquant::qlinear, quantize + qlinear) vs PyTorch.
+
+For each shape (M, K, N) = x[M, K] @ W[N, K]^T it times, with ``triton.testing.do_bench`` (median,
+CUDA events; input buffers rotated so repeated calls do not hit L2 for small shapes):
+
+=================== ================================================================================
+bf16_linear         ``F.linear(x_bf16, w_bf16, bias)``: the unquantized baseline
+int_mm              ``torch._int_mm(a_int8, w_int8.t())`` -> int32, no scales / bias / cast (a lower
+                    bound for an int8 GEMM in PyTorch; needs M > 16, so n/a for small M)
+scaled_mm_fp8       ``torch._scaled_mm`` e4m3 row-wise (scale_a [M,1], scale_b [1,N]) -> bf16, no bias
+sq_gemm_int8        ``segquant::qlinear`` int8 x int8, per-token x per-channel scales, bias, bf16 out
+                    (inputs pre-quantized; includes the Python binding's overhead)
+sq_gemm_fp8         the same with fp8 e4m3
+sq_linear_int8      static per-tensor ``segquant::quantize`` (bf16 -> int8) + ``qlinear``: the whole
+                    quantized linear
+sq_linear_fp8       the same with fp8 e4m3
+seg24_linear_int8   input-segmented (24 heads): per-segment quantize + qlinear with 24 x_segments
+dual_linear_int8    DualScale: ``quantize_dual`` + ``qlinear(dual=True)``
+=================== ================================================================================
+
+The last two currently fall back to the pure-PyTorch reference GEMM (the library has no segmented
+or DualScale GEMM yet); they are reported, labelled ``fallback``, so the gap is visible.
+
+Columns: median time (us), TFLOP/s (2 M N K / t), % of 1979 TFLOP/s (H100 SXM dense 8-bit peak;
+bf16 dense peak is 989), speedup vs bf16_linear, and vs the PyTorch 8-bit baseline of the same
+type (int_mm for int8, scaled_mm for fp8). With ``--check`` (default), the relative error of each
+segquant variant's output against the reference op (KernelPreference.REFERENCE) is reported too.
+Benchmarks never assert: the exit code is 0 whatever happens (failures are listed).
+
+Usage (on the GPU machine, after ``segquant-fx build-kernels``)::
+
+    python benchmarks/kernels.py --quick --out $OUT/kernels.json
+    python benchmarks/kernels.py --out results.json          # the full grid (several minutes)
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import math
+import os
+import platform
+import sys
+import time
+import traceback
+import warnings
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+# Run from a checkout without installing: the repository root comes first on the path.
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+PEAK_8BIT_TFLOPS = 1979.0
+PEAK_BF16_TFLOPS = 989.0
+FULL_M = (1, 2, 256, 1024, 4096, 4608)
+FULL_KN = (
+    (3072, 3072),
+    (3072, 9216),
+    (3072, 12288),
+    (12288, 3072),
+    (15360, 3072),
+    (3072, 18432),
+    (1536, 1536),
+    (1536, 6144),
+    (6144, 1536),
+)
+QUICK_M = (1, 16, 4096)
+QUICK_KN = ((3072, 3072), (3072, 12288), (12288, 3072))
+L2_BYTES = 50 * 2**20
+DEVICE = "cuda"  # --device cpu: a smoke test of this script on a machine without a GPU
+VARIANTS = (
+    "bf16_linear",
+    "int_mm",
+    "scaled_mm_fp8",
+    "sq_gemm_int8",
+    "sq_gemm_fp8",
+    "sq_linear_int8",
+    "sq_linear_fp8",
+    "seg24_linear_int8",
+    "dual_linear_int8",
+)
+BASELINE_8BIT = {
+    "sq_gemm_int8": "int_mm",
+    "sq_linear_int8": "int_mm",
+    "seg24_linear_int8": "int_mm",
+    "dual_linear_int8": "int_mm",
+    "sq_gemm_fp8": "scaled_mm_fp8",
+    "sq_linear_fp8": "scaled_mm_fp8",
+}
+
+
+@dataclass
+class Result:
+    m: int
+    k: int
+    n: int
+    variant: str
+    us: float | None = None
+    tflops: float | None = None
+    pct_peak: float | None = None
+    vs_bf16: float | None = None
+    vs_8bit: float | None = None
+    rel_err: float | None = None
+    path: str = ""
+    note: str = ""
+    error: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+# --------------------------------------------------------------------------------------------------
+# timing
+# --------------------------------------------------------------------------------------------------
+
+
+def _do_bench(fn: Callable[[], Any], warmup_ms: float, rep_ms: float) -> float:
+    """Median milliseconds of ``fn`` (triton.testing.do_bench, else CUDA events)."""
+    if DEVICE != "cuda":
+        times = []
+        for _ in range(3):
+            t = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t) * 1000)
+        return sorted(times)[1]
+    try:
+        from triton.testing import do_bench
+
+        return float(do_bench(fn, warmup=warmup_ms, rep=rep_ms, return_mode="median"))
+    except ImportError:
+        pass
+    for _ in range(5):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    deadline = time.perf_counter() + rep_ms / 1000
+    while len(times) < 10 or (time.perf_counter() < deadline and len(times) < 1000):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        fn()
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b))
+    times.sort()
+    return times[len(times) // 2]
+
+
+def _sync() -> None:
+    if DEVICE == "cuda":
+        torch.cuda.synchronize()
+
+
+class Rotation:
+    """Cycle through ``n`` input sets so that consecutive calls read different buffers."""
+
+    def __init__(self, sets: list[tuple[Any, ...]]):
+        self.sets = sets
+        self.i = 0
+
+    def next(self) -> tuple[Any, ...]:
+        s = self.sets[self.i]
+        self.i = (self.i + 1) % len(self.sets)
+        return s
+
+
+def _n_sets(bytes_per_set: int, max_sets: int = 32) -> int:
+    return max(1, min(max_sets, math.ceil(2 * L2_BYTES / max(bytes_per_set, 1))))
+
+
+# --------------------------------------------------------------------------------------------------
+# variants
+# --------------------------------------------------------------------------------------------------
+
+
+def _make_weights(k: int, n: int, g: torch.Generator) -> dict[str, torch.Tensor]:
+    from segquant_fx.ops import reference as R
+    from segquant_fx.ops.formats import scale_from_amax
+
+    w = torch.randn(n, k, generator=g, device=DEVICE) * 0.02
+    ws8 = scale_from_amax(w.abs().amax(-1, keepdim=True), "int8")
+    wsf8 = scale_from_amax(w.abs().amax(-1, keepdim=True), "fp8_e4m3")
+    qw8 = R.reference_quantize(w, ws8, [], "int8")
+    qwf8 = R.reference_quantize(w, wsf8, [], "fp8_e4m3")
+    return {
+        "w_bf16": w.to(torch.bfloat16),
+        "qw8": qw8,
+        "ws8": ws8,
+        "qw8_t": qw8.t(),
+        "qwf8": qwf8,
+        "wsf8": wsf8,
+        "qwf8_t": qwf8.t(),
+        "wsf8_row": wsf8.reshape(1, n).contiguous(),
+        "bias": torch.randn(n, generator=g, device=DEVICE).to(torch.bfloat16),
+    }
+
+
+def _make_sets(m: int, k: int, n: int, n_sets: int, seed: int) -> list[dict[str, torch.Tensor]]:
+    """``n_sets`` independent input sets (activations, weights and scales) of one shape."""
+    from segquant_fx.ops import reference as R
+    from segquant_fx.ops.formats import scale_from_amax
+
+    g = torch.Generator(device=DEVICE).manual_seed(seed)
+    heads = [k // 24] * 24
+    sets = []
+    for _ in range(n_sets):
+        x = torch.randn(m, k, generator=g, device=DEVICE)
+        x = x * torch.exp(0.5 * torch.randn(k, generator=g, device=DEVICE))  # outlier channels; never zeros
+        xb = x.to(torch.bfloat16)
+        xf = xb.float()
+        qx8, xs8 = R.reference_quantize_dynamic(xf, [], "int8")
+        qxf8, xsf8 = R.reference_quantize_dynamic(xf, [], "fp8_e4m3")
+        amax = xf.abs().amax()
+        seg_amax = torch.stack([c.abs().amax() for c in xf.split(heads, dim=-1)])
+        pos, neg = xf.clamp(min=0).amax(), xf.clamp(max=0).amin().abs()
+        sets.append(
+            {
+                **_make_weights(k, n, g),
+                "x": xb,
+                "qx8": qx8,
+                "xs8": xs8,
+                "qxf8": qxf8,
+                "xsf8": xsf8,
+                "xs8_t": scale_from_amax(amax, "int8").reshape(1),
+                "xsf8_t": scale_from_amax(amax, "fp8_e4m3").reshape(1),
+                "xs8_seg": scale_from_amax(seg_amax, "int8"),
+                "xs_pos": (pos.clamp(min=2.0**-24) / 127).reshape(1),
+                "xs_neg": (neg.clamp(min=2.0**-24) / 128).reshape(1),
+            }
+        )
+    return sets
+
+
+def _variant_fn(name: str, rot: Rotation, k: int) -> tuple[Callable[[], Any], Callable[[dict], Any] | None]:
+    """(timed closure, a function computing the output of one set for checking) of a variant."""
+    ops = torch.ops.segquant
+    heads = [k // 24] * 24
+
+    def one(s: dict) -> Any:
+        if name == "bf16_linear":
+            return F.linear(s["x"], s["w_bf16"], s["bias"])
+        if name == "int_mm":
+            return torch._int_mm(s["qx8"], s["qw8_t"])
+        if name == "scaled_mm_fp8":
+            return torch._scaled_mm(
+                s["qxf8"], s["qwf8_t"], scale_a=s["xsf8"], scale_b=s["wsf8_row"], out_dtype=torch.bfloat16
+            )
+        if name == "sq_gemm_int8":
+            return ops.qlinear(
+                s["qx8"],
+                s["xs8"],
+                [],
+                "int8",
+                s["qw8"],
+                s["ws8"],
+                [],
+                "int8",
+                s["bias"],
+                False,
+                torch.bfloat16,
+            )
+        if name == "sq_gemm_fp8":
+            return ops.qlinear(
+                s["qxf8"],
+                s["xsf8"],
+                [],
+                "fp8_e4m3",
+                s["qwf8"],
+                s["wsf8"],
+                [],
+                "fp8_e4m3",
+                s["bias"],
+                False,
+                torch.bfloat16,
+            )
+        if name == "sq_linear_int8":
+            q = ops.quantize(s["x"], s["xs8_t"], [], "int8", None)
+            return ops.qlinear(
+                q, s["xs8_t"], [], "int8", s["qw8"], s["ws8"], [], "int8", s["bias"], False, torch.bfloat16
+            )
+        if name == "sq_linear_fp8":
+            q = ops.quantize(s["x"], s["xsf8_t"], [], "fp8_e4m3", None)
+            return ops.qlinear(
+                q,
+                s["xsf8_t"],
+                [],
+                "fp8_e4m3",
+                s["qwf8"],
+                s["wsf8"],
+                [],
+                "fp8_e4m3",
+                s["bias"],
+                False,
+                torch.bfloat16,
+            )
+        if name == "seg24_linear_int8":
+            q = ops.quantize(s["x"], s["xs8_seg"], heads, "int8", None)
+            return ops.qlinear(
+                q,
+                s["xs8_seg"],
+                heads,
+                "int8",
+                s["qw8"],
+                s["ws8"],
+                [],
+                "int8",
+                s["bias"],
+                False,
+                torch.bfloat16,
+            )
+        if name == "dual_linear_int8":
+            q = ops.quantize_dual(s["x"], s["xs_pos"], s["xs_neg"], [], "int8", None)
+            xs = torch.cat([s["xs_pos"], s["xs_neg"]])
+            return ops.qlinear(
+                q, xs, [], "int8", s["qw8"], s["ws8"], [], "int8", s["bias"], True, torch.bfloat16
+            )
+        raise ValueError(name)
+
+    def timed() -> Any:
+        return one(rot.next())
+
+    return timed, (one if name.startswith(("sq_", "seg24", "dual")) else None)
+
+
+def _path_of(name: str, m: int, k: int, n: int) -> tuple[str, str]:
+    """('cuda' | 'fallback' | 'torch', note) for a variant."""
+    if not name.startswith(("sq_", "seg24", "dual")):
+        note = {
+            "int_mm": "int32 out, no scale/bias",
+            "scaled_mm_fp8": "row-wise scales, no bias",
+        }.get(name, "")
+        return "torch", note
+    from segquant_fx.ops import cuda_kernels as ck
+    from segquant_fx.ops import reference as R
+
+    if not ck.is_available() or DEVICE != "cuda":
+        return "fallback", f"library unavailable: {ck.unavailable_reason()}"
+    qtype = "fp8_e4m3" if name.endswith("fp8") else "int8"
+    segs = [k // 24] * 24 if name.startswith("seg24") else []
+    dual = name.startswith("dual")
+    dev = "meta"
+    qx = torch.empty(
+        m, (2 if dual else 1) * k, dtype=torch.int8 if qtype == "int8" else torch.float8_e4m3fn, device=dev
+    )
+    qw = torch.empty(n, k, dtype=qx.dtype, device=dev)
+    xs = torch.empty(2 if dual else (len(segs) or 1), device=dev)
+    spec = R.infer_qlinear(
+        qx, xs, segs, qtype, qw, torch.empty(n, 1, device=dev), [], qtype, None, dual, torch.bfloat16
+    )
+    reason = ck.qlinear_unsupported_reason(spec, torch.empty(1, device="cuda"), torch.bfloat16)
+    if reason is not None:
+        return "fallback", f"qlinear falls back: {reason}"
+    return "cuda", ""
+
+
+def run_case(m: int, k: int, n: int, args: argparse.Namespace, seed: int) -> list[Result]:
+    # Activations and weights in bf16, int8 and fp8: rotate whole sets so that no call finds its
+    # operands in L2 (triton's do_bench also clears L2 between calls; the event timer does not).
+    bytes_per_set = (m + n) * k * (2 + 1 + 1) + 16 * (m + n)
+    sets = _make_sets(m, k, n, _n_sets(bytes_per_set, args.max_sets), seed)
+    rot = Rotation(sets)
+    results: dict[str, Result] = {}
+    flops = 2.0 * m * n * k
+    for name in args.variants:
+        r = Result(m, k, n, name)
+        r.path, r.note = _path_of(name, m, k, n)
+        results[name] = r
+        if name == "int_mm" and m <= 16:
+            r.error = "n/a: torch._int_mm needs M > 16"
+            continue
+        timed, one = _variant_fn(name, rot, k)
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", RuntimeWarning)
+                one_out = timed()  # compile / load / first-call costs outside the timing
+                _sync()
+                del one_out
+                ms = _do_bench(
+                    timed, args.warmup_ms, args.rep_ms if r.path != "fallback" else args.rep_ms / 4
+                )
+        except Exception as e:  # noqa: BLE001 - a benchmark reports failures, it never stops on them
+            r.error = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
+            if args.verbose:
+                traceback.print_exc()
+            continue
+        r.us = ms * 1000
+        r.tflops = flops / (ms * 1e-3) / 1e12
+        r.pct_peak = 100 * r.tflops / PEAK_8BIT_TFLOPS
+        if args.check and one is not None:
+            r.rel_err = _check(one, sets[0])
+    base = results.get("bf16_linear")
+    for r in results.values():
+        if r.us is None:
+            continue
+        if base is not None and base.us:
+            r.vs_bf16 = base.us / r.us
+        b8 = results.get(BASELINE_8BIT.get(r.variant, ""))
+        if b8 is not None and b8.us:
+            r.vs_8bit = b8.us / r.us
+    return list(results.values())
+
+
+def _check(one: Callable[[dict], Any], s: dict) -> float | None:
+    from segquant_fx.ops.kernel_preference import KernelPreference, use_kernel_preference
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            got = one(s)
+            with use_kernel_preference(KernelPreference.REFERENCE):
+                ref = one(s)
+        g, r = got.double(), ref.double()
+        return float((g - r).norm() / r.norm().clamp(min=1e-300))
+    except Exception:  # noqa: BLE001
+        return None
+
+
+# --------------------------------------------------------------------------------------------------
+# output
+# --------------------------------------------------------------------------------------------------
+
+
+def _f(v: float | None, fmt: str) -> str:
+    return "" if v is None else format(v, fmt)
+
+
+def markdown(results: list[Result]) -> str:
+    lines = [
+        "| M | K | N | variant | path | us | TFLOP/s | % of 1979 | x bf16 | x 8-bit base | rel err | note |",
+        "|---:|---:|---:|---|---|---:|---:|---:|---:|---:|---:|---|",
+    ]
+    for r in results:
+        note = r.error or r.note
+        lines.append(
+            f"| {r.m} | {r.k} | {r.n} | {r.variant} | {r.path} | {_f(r.us, '.1f')} | {_f(r.tflops, '.1f')} | "
+            f"{_f(r.pct_peak, '.1f')} | {_f(r.vs_bf16, '.2f')} | {_f(r.vs_8bit, '.2f')} | {_f(r.rel_err, '.1e')} | "
+            f"{note[:80]} |"
+        )
+    return "\n".join(lines)
+
+
+def summary(results: list[Result]) -> str:
+    """One row per shape: the time of each variant (us) and the sq int8/fp8 speedups."""
+    by_shape: dict[tuple[int, int, int], dict[str, Result]] = {}
+    for r in results:
+        by_shape.setdefault((r.m, r.k, r.n), {})[r.variant] = r
+    cols = [v for v in VARIANTS if any(v in d for d in by_shape.values())]
+    short = {
+        "bf16_linear": "bf16",
+        "int_mm": "int_mm",
+        "scaled_mm_fp8": "scaled_mm",
+        "sq_gemm_int8": "sq i8",
+        "sq_gemm_fp8": "sq f8",
+        "sq_linear_int8": "q+sq i8",
+        "sq_linear_fp8": "q+sq f8",
+        "seg24_linear_int8": "seg24*",
+        "dual_linear_int8": "dual*",
+    }
+    head = "| M | K | N | " + " | ".join(short[c] + " us" for c in cols) + " | sq i8 x bf16 | sq f8 x bf16 |"
+    lines = [head, "|" + "---:|" * (3 + len(cols) + 2)]
+    for (m, k, n), d in by_shape.items():
+        cells = [_f(d[c].us, ".1f") if c in d else "" for c in cols]
+        i8 = d.get("sq_gemm_int8")
+        f8 = d.get("sq_gemm_fp8")
+        lines.append(
+            f"| {m} | {k} | {n} | " + " | ".join(cells) + f" | {_f(i8.vs_bf16 if i8 else None, '.2f')} | "
+            f"{_f(f8.vs_bf16 if f8 else None, '.2f')} |"
+        )
+    lines.append("(* = currently the reference fallback; us = median microseconds)")
+    return "\n".join(lines)
+
+
+def environment() -> dict[str, Any]:
+    env: dict[str, Any] = {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "time": time.strftime("%Y-%m-%d %H:%M:%S"),
+    }
+    if torch.cuda.is_available():
+        p = torch.cuda.get_device_properties(0)
+        env.update(device=p.name, sms=p.multi_processor_count, capability=f"{p.major}.{p.minor}")
+    try:
+        import triton
+
+        env["triton"] = triton.__version__
+    except ImportError:
+        env["triton"] = None
+    try:
+        from segquant_fx.ops import cuda_kernels as ck
+
+        env["library"] = str(ck.library_path())
+        env["library_reason"] = ck.unavailable_reason()
+        env["has_gemm"] = ck.has_gemm()
+    except Exception as e:  # noqa: BLE001
+        env["library_reason"] = f"{type(e).__name__}: {e}"
+    return env
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--quick", action="store_true", help=f"M in {QUICK_M}, shapes {QUICK_KN}")
+    p.add_argument("--m", type=lambda s: tuple(int(v) for v in s.split(",")), default=None, help="M list")
+    p.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated subset")
+    p.add_argument("--out", default=None, help="write the results as JSON here")
+    p.add_argument("--warmup-ms", type=float, default=25.0)
+    p.add_argument("--rep-ms", type=float, default=100.0)
+    p.add_argument("--max-sets", type=int, default=16, help="most rotated input sets per shape")
+    p.add_argument("--no-check", dest="check", action="store_false", help="skip the error check vs reference")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--verbose", action="store_true")
+    p.add_argument("--device", default="cuda", help=argparse.SUPPRESS)  # "cpu": smoke test of the script
+    args = p.parse_args(argv)
+    args.variants = [v for v in args.variants.split(",") if v]
+    unknown = [v for v in args.variants if v not in VARIANTS]
+    if unknown:
+        print(f"unknown variants {unknown}; use {', '.join(VARIANTS)}", file=sys.stderr)
+        return 0
+    global DEVICE
+    DEVICE = args.device
+    if DEVICE == "cuda" and not torch.cuda.is_available():
+        print("benchmarks/kernels.py: no CUDA device; nothing to measure", file=sys.stderr)
+        return 0
+    import segquant_fx.ops  # noqa: F401 - registers torch.ops.segquant
+
+    ms = args.m or (QUICK_M if args.quick else FULL_M)
+    kns = QUICK_KN if args.quick else FULL_KN
+    env = environment()
+    print(json.dumps(env), flush=True)
+    results: list[Result] = []
+    t0 = time.perf_counter()
+    for i, ((k, n), m) in enumerate(itertools.product(kns, ms)):
+        t = time.perf_counter()
+        try:
+            rs = run_case(m, k, n, args, args.seed + i)
+        except Exception as e:  # noqa: BLE001
+            rs = [Result(m, k, n, "all", error=f"{type(e).__name__}: {e}")]
+            if args.verbose:
+                traceback.print_exc()
+        results.extend(rs)
+        print(f"M={m} K={k} N={n}: {time.perf_counter() - t:.1f} s", file=sys.stderr, flush=True)
+        if DEVICE == "cuda":
+            torch.cuda.empty_cache()
+    if args.out:
+        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+        with open(args.out, "w") as f:
+            json.dump({"env": env, "results": [asdict(r) for r in results]}, f, indent=1)
+    errors = [r for r in results if r.error and not r.error.startswith("n/a")]
+    print(f"\n{len(results)} measurements in {time.perf_counter() - t0:.0f} s; {len(errors)} failed")
+    for r in errors:
+        print(f"  FAILED M={r.m} K={r.k} N={r.n} {r.variant}: {r.error}")
+    print()
+    print(markdown(results))
+    print()
+    print(summary(results))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
