@@ -18,6 +18,7 @@ mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1
 PY=${PYTHON:-python3}
 cd "$(dirname "$0")/../.." || exit 1
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 
 {
   nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem,temperature.gpu --format=csv 2>&1
@@ -25,6 +26,10 @@ cd "$(dirname "$0")/../.." || exit 1
 torch.cuda.get_device_name(), torch.cuda.get_device_capability())" 2>&1
   ls -la kernels_cuda/build 2>&1
   cat kernels_cuda/build/libsegquant_kernels.json 2>&1
+  # the GEMM must run on Hopper's warpgroup matrix instructions (IGMMA int8, QGMMA fp8), not a stub
+  echo "sm_90a matrix instructions in the library:"
+  cuobjdump -sass kernels_cuda/build/libsegquant_kernels.so 2>&1 | grep -oE "\b(IGMMA|QGMMA|HGMMA|IMMA|HMMA)\.[A-Z0-9]+" \
+    | sort | uniq -c | head -12
   "$PY" -c "from segquant_fx.ops import cuda_kernels as c; print('library', c.library_path(), \
 'gemm', c.has_gemm(), 'registered', c.registered_ops(), 'reason', c.unavailable_reason())" 2>&1
 } > "$OUT/env.txt"
@@ -49,7 +54,7 @@ timeout "${BENCH_TIMEOUT:-200}" "$PY" benchmarks/kernels.py --quick --out "$OUT/
   > "$OUT/bench_quick.log" 2>&1
 summary+=("benchmarks/kernels.py --quick: exit $?")
 
-echo "== env"; cat "$OUT/env.txt"
+echo "== env"; tail -n 25 "$OUT/env.txt"
 echo "== pytest failures (if any)"; grep -E "^(FAILED|ERROR)" "$OUT/pytest_gpu.log" 2>/dev/null | head -40
 echo "== pytest slowest"; grep -A 16 "slowest" "$OUT/pytest_gpu.log" 2>/dev/null | head -18
 echo "== gemm_example"; cat "$OUT/gemm_example.log" 2>/dev/null
