@@ -5,7 +5,9 @@
     model --capture--> exported graph (un-decomposed ATen, dynamic batch/tokens)
           --find_patterns--> per-linear matches (SegLinear segments, DualScale)
           --AnnotatePass(config)--> frozen LinearAnnotation per quantized linear
-          --calibrate(interpreter over calib items)--> per-channel activation extremes
+          --calibrate(interpreter over calib items)--> per input tensor: channel extremes, and what
+                the optimizers need (row reservoir, histograms, GPTQ Hessian); ONE pass over the items
+          --optimize--> smoothing (alpha search), SVD branch, GPTQ / round-to-nearest, act scales
           --QuantizeRewritePass--> torch.ops.segquant.* calls, quantized weights/scales as buffers
           --> QuantizedModel (called like the float model)
 """
@@ -15,6 +17,8 @@ from __future__ import annotations
 import importlib.metadata
 import inspect
 import itertools
+import os
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -25,6 +29,8 @@ from torch.utils import _pytree as pytree
 from segquant_fx.capture import capture, normalize_example
 from segquant_fx.config import QuantizeConfig, check_supported
 from segquant_fx.errors import CalibrationError, ConfigError
+from segquant_fx.optim.pipeline import optimize
+from segquant_fx.optim.search import SearchState
 from segquant_fx.passes.annotate import AnnotatePass, annotations
 from segquant_fx.passes.base import run_passes
 from segquant_fx.passes.calibrate import calibrate
@@ -33,11 +39,20 @@ from segquant_fx.patterns import PATTERNS
 from segquant_fx.quantized import QuantizedModel, prepare_graph_module
 from segquant_fx.report import find_patterns
 
-__all__ = ["quantize", "load", "prepare", "finish", "Prepared", "SUPPORTED_OPT", "SUPPORTED_CALIB"]
+__all__ = [
+    "quantize",
+    "load",
+    "prepare",
+    "calibrate_and_finish",
+    "finish",
+    "Prepared",
+    "SUPPORTED_OPT",
+    "SUPPORTED_CALIB",
+]
 
 #: Optimizers and calibrators this version implements (others raise a clear ConfigError).
-SUPPORTED_OPT = frozenset({"default", "smooth"})
-SUPPORTED_CALIB = frozenset({"amax"})
+SUPPORTED_OPT = frozenset({"default", "smooth", "svd"})
+SUPPORTED_CALIB = frozenset({"amax", "percentile", "mse", "gptq"})
 
 
 def _has_tensor(v: Any) -> bool:
@@ -88,6 +103,10 @@ def _plan_entry(ann: Any, tensors: dict[str, Any]) -> dict[str, Any]:
         "dual": ann.dual,
         "dual_segments": list(ann.dual_segments) if ann.dual_segments is not None else None,
         "smooth_alpha": ann.smooth_alpha,
+        "alpha_search": ann.search is not None,
+        "smooth_groups": list(ann.smooth_groups),
+        "low_rank": ann.low_rank,
+        "calib": ann.calib.type,
         "real_quant": ann.real_quant,
         "in_features": ann.in_features,
         "out_features": ann.out_features,
@@ -105,6 +124,7 @@ def quantize(
     dynamic: bool = True,
     progress: bool = True,
     max_items: int | None = None,
+    search_state: str | os.PathLike[str] | None = None,
 ) -> QuantizedModel:
     """Quantize ``model`` with SegQuant (SegLinear + DualScale) and return a :class:`QuantizedModel`.
 
@@ -116,15 +136,22 @@ def quantize(
         calib_data_loader: Iterable of calibration items: kwargs dicts keyed by forward's parameter
             names, positional tuples, or ``(args, kwargs)``. Streamed once; not kept in memory.
         config: A :class:`~segquant_fx.config.QuantizeConfig`, the seed's dict format, or a preset name
-            (``w8a8`` (default), ``w8a8-fp8``, ``w8a8-dynamic``, ``w8a16``, ``w4a16``, ...).
+            (``w8a8`` (default), ``w8a8-fp8``, ``w8a8-dynamic``, ``w8a16``, ``w4a16``, ``w4a8``,
+            ``w4a4``, and the paper's baselines ``baseline-w8a8``, ``ptq4dit-w8a8``,
+            ``smooth-plus-w8a8``, ``svdquant-w4a8``, ``svdquant-w4a4``, ``segquant-a-w8a8``,
+            ``segquant-g-w8a8``).
         verbose: Print the pattern report and the quantized-layer table.
         example: Inputs used to capture the graph (default: the first calibration item).
         dynamic: Keep batch/token/spatial dims dynamic in the captured graph.
         progress: Show tqdm progress bars.
         max_items: Use at most this many calibration items.
+        search_state: JSON file of the alpha search (overrides ``search_alpha_config.state_file``):
+            evaluated points found there are skipped, new ones are written after every layer.
 
     Returns:
-        The quantized model; ``.plan`` and ``.report()`` describe every quantized layer.
+        The quantized model; ``.plan`` and ``.report()`` describe every quantized layer,
+        ``.meta["optimizer"]`` what the optimizers chose (alphas per segment, GPTQ damping) and
+        ``.meta["timings"]`` the seconds per phase.
 
     Raises:
         ConfigError: Bad config, or an optimizer/calibrator that is not available yet.
@@ -145,16 +172,78 @@ def quantize(
     cfg = QuantizeConfig.coerce(config, known_patterns=PATTERNS)
     check_supported(cfg, SUPPORTED_OPT, SUPPORTED_CALIB)
 
+    t0 = time.perf_counter()
     first, items = _first_and_rest(calib_data_loader)
     items = map(_unbatch, items)
     prepared = prepare(model, _unbatch(first) if example is None else example, cfg, dynamic=dynamic)
-    observers, n_items = calibrate(
-        prepared.gm, items, prepared.signature, prepared.constants, progress=progress, max_items=max_items
+    qmodel = calibrate_and_finish(
+        prepared, items, progress=progress, max_items=max_items, search_state=search_state,
+        timings={"prepare": time.perf_counter() - t0},
     )
-    qmodel = finish(prepared, QuantizeRewritePass(observers, progress=progress), extra_meta={"calibration_items": n_items})
     if verbose:
         print(prepared.report.to_markdown())
         print(qmodel.report())
+    return qmodel
+
+
+def _state_file(prepared: Prepared, search_state: str | os.PathLike[str] | None) -> str | os.PathLike[str] | None:
+    if search_state is not None:
+        return search_state
+    for ann in annotations(prepared.gm).values():
+        if ann.search is not None and ann.search.state_file is not None:
+            return ann.search.state_file
+    return None
+
+
+def _sync() -> None:
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+
+
+def calibrate_and_finish(
+    prepared: Prepared,
+    items: Iterable[Any],
+    *,
+    progress: bool = True,
+    max_items: int | None = None,
+    search_state: str | os.PathLike[str] | SearchState | None = None,
+    timings: dict[str, float] | None = None,
+) -> QuantizedModel:
+    """The back half of :func:`quantize`: one calibration pass, the optimizers, the rewrite.
+
+    Args:
+        prepared: From :func:`prepare`.
+        items: Calibration items (streamed once).
+        progress: Show progress bars.
+        max_items: Use at most this many items.
+        search_state: Alpha-search state: a JSON path (resumed and written) or a
+            :class:`~segquant_fx.optim.search.SearchState`; default ``search_alpha_config.state_file``.
+        timings: Phase timings measured before (added to ``meta["timings"]``).
+
+    Returns:
+        The quantized model.
+    """
+    timings = dict(timings or {})
+    t = time.perf_counter()
+    observers, n_items = calibrate(
+        prepared.gm, items, prepared.signature, prepared.constants, progress=progress, max_items=max_items
+    )
+    _sync()
+    timings["calibrate"] = time.perf_counter() - t
+    state = search_state if isinstance(search_state, SearchState) else SearchState(_state_file(prepared, search_state))
+    t = time.perf_counter()
+    tensors, report = optimize(prepared.gm, observers, search_state=state, progress=progress)
+    del observers
+    _sync()
+    timings["optimize"] = time.perf_counter() - t
+    t = time.perf_counter()
+    qmodel = finish(
+        prepared,
+        QuantizeRewritePass(precomputed=tensors, progress=progress),
+        extra_meta={"calibration_items": n_items, "optimizer": report.to_dict()},
+    )
+    timings["rewrite"] = time.perf_counter() - t
+    qmodel.meta["timings"] = {k: round(v, 4) for k, v in timings.items()}
     return qmodel
 
 

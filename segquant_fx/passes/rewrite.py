@@ -26,7 +26,24 @@ divisor when smoothing is on, ``segs`` the input segments):
    rules 1-4 to float rounding.
 
 Weight scales: ``per_channel`` -> ``[N, 1]``; ``per_group`` -> ``[N, K/g]``; ``per_tensor`` -> ``[1]``, or
-one scale per output segment (SegLinear) expanded to ``[N, 1]``.
+one scale per output segment (SegLinear) expanded to ``[N, 1]``. A layer whose alpha was searched
+per input segment has one weight scale per input segment as well (``[N, nseg]``/``[1, nseg]``, with
+the input segments as weight segments).
+
+Optimizer tensors (computed by :func:`segquant_fx.optim.optimize`, see there):
+
+6. Per-output-segment smoothing (``smooth`` is ``[G, K]``; activation scales ``[G, ...]``)::
+
+       for each group g (rows a:b of the weight):
+           q_g = segquant.quantize(x, select(x_scale, 0, g), segs, "int8", select(smooth, 0, g))
+           y_g = segquant.qlinear(q_g, ..., slice(qweight, 0, a, b), slice(w_scale, 0, a, b), ...,
+                                  slice(b, 0, a, b), ...)
+       y = cat([y_0, ..., y_G-1], -1)
+
+7. SVD low-rank branch (``lr_down`` ``[R, K]`` with the smoothing folded in, ``lr_up`` ``[N, R]``, in
+   the activation dtype)::
+
+       y = y + aten.linear(aten.linear(x, lr_down), lr_up)
 """
 
 from __future__ import annotations
@@ -40,9 +57,10 @@ from torch import fx
 
 from segquant_fx import ops
 from segquant_fx.errors import CalibrationError
+from segquant_fx.ops.formats import num_segments
 from segquant_fx.passes.annotate import LinearAnnotation
 from segquant_fx.passes.base import SEGQUANT_ANNOTATION_KEY, PassResult, SegQuantPass
-from segquant_fx.passes.observers import ChannelMinMaxObserver
+from segquant_fx.passes.observers import ChannelMinMaxObserver, merge_observers
 
 __all__ = ["QuantizeRewritePass", "smoothing_vector", "quantize_weight", "LayerTensors"]
 
@@ -128,17 +146,8 @@ def compute_layer_tensors(
 
 
 def _merged(observers: list[ChannelMinMaxObserver]) -> ChannelMinMaxObserver | None:
-    """One observer holding the extremes of several (the call sites of one module)."""
-    if not observers:
-        return None
-    if len(observers) == 1:
-        return observers[0]
-    out = ChannelMinMaxObserver(observers[0].in_features, name=observers[0].name)
-    for o in observers:
-        out.pos_max.copy_(torch.maximum(out.pos_max, o.pos_max))
-        out.neg_min.copy_(torch.minimum(out.neg_min, o.neg_min))
-        out.count += o.count
-    return out
+    """One observer holding the statistics of several (the call sites of one module)."""
+    return merge_observers(observers)
 
 
 def _owner(gm: torch.nn.Module, target: str) -> tuple[torch.nn.Module, str]:
@@ -234,55 +243,47 @@ class QuantizeRewritePass(SegQuantPass):
             owner.register_buffer(name, t.detach().contiguous())
             return g.get_attr(f"{prefix}.{name}" if prefix else name)
 
-        segs = list(ann.in_segments)
-        aq = ann.act_qtype
-        seg_ops = torch.ops.segquant
+        aten = torch.ops.aten
+        smooth_t = tensors.get("smooth")
+        grouped = smooth_t is not None and smooth_t.dim() == 2
+        wsegs = list(tensors["w_segments"])
+        ws_t = tensors["w_scale"]
+        ncol = ws_t.shape[-1] if ws_t.dim() == 2 else 1
+        if ncol > 1 and num_segments(wsegs) != ncol and len(ann.in_segments) == ncol:
+            wsegs = list(ann.in_segments)  # per-input-segment weight scales (a fake-quant save keeps no segments)
         with g.inserting_before(node):
-            smooth = buf("smooth", tensors["smooth"]) if "smooth" in tensors else None
+            smooth = buf("smooth", smooth_t) if smooth_t is not None else None
+            scales = {k: buf(k, tensors[k]) for k in ("x_scale_pos", "x_scale_neg", "x_scale") if k in tensors}
             if not ann.real_quant:
                 w_hat = ops.dequantize(
-                    tensors["qweight"], tensors["w_scale"], qtype=ann.weight_qtype,
-                    segments=tensors["w_segments"], out_dtype=weight.dtype,
+                    tensors["qweight"], ws_t, qtype=ann.weight_qtype, segments=wsegs, out_dtype=weight.dtype,
                 )
-                if aq is None:
-                    x_hat = x  # weight-only: the activation stays float
-                elif ann.act_dynamic:
-                    qd = g.call_function(seg_ops.quantize_dynamic.default, (x, segs, aq, smooth))
-                    q = g.call_function(operator.getitem, (qd, 0))
-                    s = g.call_function(operator.getitem, (qd, 1))
-                    x_hat = g.call_function(seg_ops.dequantize.default, (q, s, segs, aq, out_dtype))
-                elif ann.dual:
-                    pos = buf("x_scale_pos", tensors["x_scale_pos"])
-                    neg = buf("x_scale_neg", tensors["x_scale_neg"])
-                    x_hat = g.call_function(seg_ops.fake_quantize_dual.default, (x, pos, neg, segs, aq, smooth))
-                else:
-                    xs = buf("x_scale", tensors["x_scale"])
-                    x_hat = g.call_function(seg_ops.fake_quantize.default, (x, xs, segs, aq, smooth))
-                # x_hat lives in the smoothed domain (x / s); w_hat = deq(Q(W * s)) undoes it
-                new = g.call_function(torch.ops.aten.linear.default, (x_hat, buf("weight_hat", w_hat), b_node))
+                wnodes = {"weight_hat": buf("weight_hat", w_hat)}
             else:
-                qw = buf("qweight", tensors["qweight"])
-                ws = buf("w_scale", tensors["w_scale"])
-                wsegs = list(tensors["w_segments"])
-                if aq is None:
-                    empty = buf("x_scale", torch.ones(1))
-                    args = (x, empty, [], "none", qw, ws, wsegs, ann.weight_qtype, b_node, False, out_dtype)
-                elif ann.act_dynamic:
-                    qd = g.call_function(seg_ops.quantize_dynamic.default, (x, segs, aq, smooth))
-                    q = g.call_function(operator.getitem, (qd, 0))
-                    s = g.call_function(operator.getitem, (qd, 1))
-                    args = (q, s, segs, aq, qw, ws, wsegs, ann.weight_qtype, b_node, False, out_dtype)
-                elif ann.dual:
-                    pos = buf("x_scale_pos", tensors["x_scale_pos"])
-                    neg = buf("x_scale_neg", tensors["x_scale_neg"])
-                    q = g.call_function(seg_ops.quantize_dual.default, (x, pos, neg, segs, aq, smooth))
-                    xs = buf("x_scale", tensors["x_scale"])
-                    args = (q, xs, segs, aq, qw, ws, wsegs, ann.weight_qtype, b_node, True, out_dtype)
-                else:
-                    xs = buf("x_scale", tensors["x_scale"])
-                    q = g.call_function(seg_ops.quantize.default, (x, xs, segs, aq, smooth))
-                    args = (q, xs, segs, aq, qw, ws, wsegs, ann.weight_qtype, b_node, False, out_dtype)
-                new = g.call_function(seg_ops.qlinear.default, args)
+                wnodes = {"qweight": buf("qweight", tensors["qweight"]), "w_scale": buf("w_scale", ws_t)}
+                if ann.act_qtype is None:
+                    scales["x_scale"] = buf("x_scale", torch.ones(1))  # weight-only: an unused placeholder
+            if not grouped:
+                new = self._emit_one(g, ann, x, smooth, scales, wnodes, wsegs, b_node, out_dtype)
+            else:
+                sizes = list(ann.smooth_groups)
+                if len(sizes) != smooth_t.shape[0] or sum(sizes) != ann.out_features:
+                    raise CalibrationError(
+                        f"{ann.module}: {smooth_t.shape[0]} smoothing vectors do not match the smoothing groups {sizes}"
+                    )
+                outs, a = [], 0
+                for gi, n_g in enumerate(sizes):
+                    sm = g.call_function(aten.select.int, (smooth, 0, gi))
+                    sc = {k: g.call_function(aten.select.int, (v, 0, gi)) for k, v in scales.items()}
+                    wn = {k: g.call_function(aten.slice.Tensor, (v, 0, a, a + n_g)) for k, v in wnodes.items()}
+                    bg = g.call_function(aten.slice.Tensor, (b_node, 0, a, a + n_g)) if b_node is not None else None
+                    outs.append(self._emit_one(g, ann, x, sm, sc, wn, wsegs, bg, out_dtype))
+                    a += n_g
+                new = g.call_function(aten.cat.default, (outs, -1))
+            if "lr_down" in tensors:
+                h = g.call_function(aten.linear.default, (x, buf("lr_down", tensors["lr_down"])))
+                lr = g.call_function(aten.linear.default, (h, buf("lr_up", tensors["lr_up"])))
+                new = g.call_function(aten.add.Tensor, (new, lr))
         for k in ("nn_module_stack", "stack_trace", "segquant_module", "source_fn_stack"):
             if k in node.meta:
                 new.meta[k] = node.meta[k]
@@ -290,3 +291,47 @@ class QuantizeRewritePass(SegQuantPass):
         new.meta["segquant_quantized"] = ann
         return new
 
+    @staticmethod
+    def _emit_one(g, ann, x, smooth, scales, wnodes, wsegs, b_node, out_dtype) -> fx.Node:
+        """The quantized GEMM of one smoothing group (rules 1-5)."""
+        segs = list(ann.in_segments)
+        aq = ann.act_qtype
+        seg_ops = torch.ops.segquant
+        if not ann.real_quant:
+            if aq is None:
+                x_hat = x  # weight-only: the activation stays float
+            elif ann.act_dynamic:
+                qd = g.call_function(seg_ops.quantize_dynamic.default, (x, segs, aq, smooth))
+                q = g.call_function(operator.getitem, (qd, 0))
+                s = g.call_function(operator.getitem, (qd, 1))
+                x_hat = g.call_function(seg_ops.dequantize.default, (q, s, segs, aq, out_dtype))
+            elif ann.dual:
+                x_hat = g.call_function(
+                    seg_ops.fake_quantize_dual.default, (x, scales["x_scale_pos"], scales["x_scale_neg"], segs, aq, smooth)
+                )
+            else:
+                x_hat = g.call_function(seg_ops.fake_quantize.default, (x, scales["x_scale"], segs, aq, smooth))
+            # x_hat lives in the smoothed domain (x / s); w_hat = deq(Q(W * s)) undoes it
+            return g.call_function(torch.ops.aten.linear.default, (x_hat, wnodes["weight_hat"], b_node))
+        qw, ws = wnodes["qweight"], wnodes["w_scale"]
+        if aq is None:
+            empty = scales.get("x_scale")
+            if empty is None:
+                raise CalibrationError(f"{ann.module}: weight-only layer without its placeholder x_scale")
+            args = (x, empty, [], "none", qw, ws, wsegs, ann.weight_qtype, b_node, False, out_dtype)
+        elif ann.act_dynamic:
+            qd = g.call_function(seg_ops.quantize_dynamic.default, (x, segs, aq, smooth))
+            q = g.call_function(operator.getitem, (qd, 0))
+            s = g.call_function(operator.getitem, (qd, 1))
+            args = (q, s, segs, aq, qw, ws, wsegs, ann.weight_qtype, b_node, False, out_dtype)
+        elif ann.dual:
+            q = g.call_function(
+                seg_ops.quantize_dual.default, (x, scales["x_scale_pos"], scales["x_scale_neg"], segs, aq, smooth)
+            )
+            args = (q, scales["x_scale"], segs, aq, qw, ws, wsegs, ann.weight_qtype, b_node, True, out_dtype)
+        else:
+            q = g.call_function(seg_ops.quantize.default, (x, scales["x_scale"], segs, aq, smooth))
+            args = (q, scales["x_scale"], segs, aq, qw, ws, wsegs, ann.weight_qtype, b_node, False, out_dtype)
+        new = g.call_function(seg_ops.qlinear.default, args)
+        new.meta["segquant_quantized"] = ann
+        return new
