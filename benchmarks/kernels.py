@@ -110,12 +110,42 @@ class Result:
     path: str = ""
     note: str = ""
     error: str | None = None
+    eager_us: float | None = None  # per call, eager (includes Python / launch overhead)
+    timing: str = ""  # "graph" (CUDA-graph replays: GPU time) or "eager"
     extra: dict[str, Any] = field(default_factory=dict)
 
 
 # --------------------------------------------------------------------------------------------------
 # timing
 # --------------------------------------------------------------------------------------------------
+
+
+def _graph_bench(one: Callable[[dict], Any], sets: list[dict], warmup_ms: float, rep_ms: float) -> float | None:
+    """Median milliseconds per call of ``one`` over ``sets``, from replays of one CUDA graph.
+
+    The graph holds one call per rotated input set, so a replay measures GPU time of back-to-back
+    calls without Python or launch overhead (METHOD.md: time many small launches as graph replays).
+    None when the variant cannot be captured (e.g. a reference fallback that syncs).
+    """
+    if DEVICE != "cuda":
+        return None
+    try:
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for s in sets:
+                one(s)
+        torch.cuda.current_stream().wait_stream(side)
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            outs = [one(s) for s in sets]
+        del outs
+        torch.cuda.synchronize()
+    except Exception:  # noqa: BLE001 - not capturable: the caller keeps the eager timing
+        torch.cuda.synchronize()
+        return None
+    return _do_bench(graph.replay, warmup_ms, rep_ms) / len(sets)
 
 
 def _do_bench(fn: Callable[[], Any], warmup_ms: float, rep_ms: float) -> float:
@@ -386,6 +416,13 @@ def run_case(m: int, k: int, n: int, args: argparse.Namespace, seed: int) -> lis
             if args.verbose:
                 traceback.print_exc()
             continue
+        r.eager_us = ms * 1000
+        r.timing = "eager"
+        if one is not None and r.path != "fallback" and not args.eager:
+            gms = _graph_bench(one, sets, args.warmup_ms, args.rep_ms)
+            if gms is not None:
+                ms = gms
+                r.timing = "graph"
         r.us = ms * 1000
         r.tflops = flops / (ms * 1e-3) / 1e12
         r.pct_peak = 100 * r.tflops / PEAK_8BIT_TFLOPS
@@ -459,17 +496,26 @@ def summary(results: list[Result]) -> str:
         "seg24_linear_int8": "seg24*",
         "dual_linear_int8": "dual*",
     }
-    head = "| M | K | N | " + " | ".join(short[c] + " us" for c in cols) + " | sq i8 x bf16 | sq f8 x bf16 |"
-    lines = [head, "|" + "---:|" * (3 + len(cols) + 2)]
+    head = (
+        "| M | K | N | " + " | ".join(short[c] + " us" for c in cols)
+        + " | sq i8 x bf16 | sq f8 x bf16 | q+sq i8 x bf16 | sq i8 eager us |"
+    )
+    lines = [head, "|" + "---:|" * (3 + len(cols) + 4)]
     for (m, k, n), d in by_shape.items():
         cells = [_f(d[c].us, ".1f") if c in d else "" for c in cols]
         i8 = d.get("sq_gemm_int8")
         f8 = d.get("sq_gemm_fp8")
+        q8 = d.get("sq_linear_int8")
         lines.append(
             f"| {m} | {k} | {n} | " + " | ".join(cells) + f" | {_f(i8.vs_bf16 if i8 else None, '.2f')} | "
-            f"{_f(f8.vs_bf16 if f8 else None, '.2f')} |"
+            f"{_f(f8.vs_bf16 if f8 else None, '.2f')} | {_f(q8.vs_bf16 if q8 else None, '.2f')} | "
+            f"{_f(i8.eager_us if i8 else None, '.1f')} |"
         )
-    lines.append("(* = currently the reference fallback; us = median microseconds)")
+    lines.append(
+        "(us = median microseconds per call from CUDA-graph replays over rotated inputs (GPU time), for every "
+        "variant that captures; * = reference fallback, timed eagerly; 'eager us' = per-call time of eager calls, "
+        "Python and launch overhead included)"
+    )
     return "\n".join(lines)
 
 
@@ -511,6 +557,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-sets", type=int, default=16, help="most rotated input sets per shape")
     p.add_argument("--no-check", dest="check", action="store_false", help="skip the error check vs reference")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--eager", action="store_true", help="time eager calls only (no CUDA-graph replays)")
     p.add_argument("--verbose", action="store_true")
     p.add_argument("--device", default="cuda", help=argparse.SUPPRESS)  # "cpu": smoke test of the script
     args = p.parse_args(argv)

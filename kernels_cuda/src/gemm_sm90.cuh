@@ -105,6 +105,12 @@ template <class ElementAB, class ElementD>
 using LargeGemm = ScaledGemm<ElementAB, ElementD, Shape<_128, _256, _128>, Shape<_2, _1, _1>,
                              cutlass::gemm::KernelTmaWarpSpecializedCooperative,
                              cutlass::epilogue::TmaWarpSpecializedCooperative, cutlass::gemm::PersistentScheduler>;
+// fp8 keeps a second (promotion) accumulator per thread for exact-ish fp32 accumulation: at 128x256 the
+// two accumulator sets need ~256 registers per thread and spill, so fp8 uses 128x128 tiles.
+template <class ElementAB, class ElementD>
+using LargeGemmFp8 = ScaledGemm<ElementAB, ElementD, Shape<_128, _128, _128>, Shape<_2, _1, _1>,
+                                cutlass::gemm::KernelTmaWarpSpecializedCooperative,
+                                cutlass::epilogue::TmaWarpSpecializedCooperative, cutlass::gemm::PersistentScheduler>;
 template <class ElementAB, class ElementD>
 using SmallGemm = ScaledGemm<ElementAB, ElementD, Shape<_64, _128, _128>, Shape<_1, _1, _1>,
                              cutlass::gemm::KernelTmaWarpSpecializedPingpong,
@@ -124,18 +130,18 @@ constexpr int kSmallM = 64;
 
 }  // namespace segquant
 
-#define SQ_DEFINE_GEMM_ENTRY(SUFFIX, ELEMENT_AB)                                                               \
+#define SQ_DEFINE_GEMM_ENTRY(SUFFIX, ELEMENT_AB, LARGE)                                                               \
   namespace segquant {                                                                                        \
   template <class ElementD>                                                                                   \
   static size_t ws_##SUFFIX(int M, int N, int K) {                                                            \
     return M <= kSmallM ? SmallGemm<ELEMENT_AB, ElementD>::workspace(M, N, K)                                 \
-                        : LargeGemm<ELEMENT_AB, ElementD>::workspace(M, N, K);                                \
+                        : LARGE<ELEMENT_AB, ElementD>::workspace(M, N, K);                                \
   }                                                                                                           \
   template <class ElementD>                                                                                   \
   static sq_status run_##SUFFIX(const void* A, const void* B, void* D, int M, int N, int K, const float* rs,  \
                                 const float* cs, const void* bias, void* ws, size_t wss, cudaStream_t s) {    \
     return M <= kSmallM ? SmallGemm<ELEMENT_AB, ElementD>::run(A, B, D, M, N, K, rs, cs, bias, ws, wss, s)    \
-                        : LargeGemm<ELEMENT_AB, ElementD>::run(A, B, D, M, N, K, rs, cs, bias, ws, wss, s);   \
+                        : LARGE<ELEMENT_AB, ElementD>::run(A, B, D, M, N, K, rs, cs, bias, ws, wss, s);   \
   }                                                                                                           \
   size_t gemm_workspace_##SUFFIX(sq_dtype out, int M, int N, int K) {                                         \
     switch (out) {                                                                                            \

@@ -333,8 +333,10 @@ def scale_from_amax(amax: torch.Tensor | float, qtype: str) -> torch.Tensor:
         [1.0, 4.693279098688663e-10]
     """
     info = qtype_info(qtype, op="scale_from_amax")
-    amax_t = torch.as_tensor(amax).to(torch.float32)
-    return torch.clamp(amax_t, min=AMAX_FLOOR) / info.qmax
+    amax_t = torch.clamp(torch.as_tensor(amax).to(torch.float32), min=AMAX_FLOOR)
+    # elementwise IEEE division: CUDA divides by a Python scalar as a multiply by its reciprocal,
+    # which is 1 ulp off for some values and would make the CPU and CUDA references disagree
+    return amax_t / torch.full_like(amax_t, float(info.qmax))
 
 
 def dual_scales_from_minmax(
@@ -359,6 +361,8 @@ def dual_scales_from_minmax(
         [0.009999999776482582, 0.019999999552965164]
     """
     info = qtype_info(qtype, op="dual_scales_from_minmax")
-    pos = torch.clamp(torch.as_tensor(pos_max).to(torch.float32), min=AMAX_FLOOR) / info.qmax
-    neg = torch.clamp(torch.as_tensor(neg_min).to(torch.float32).abs(), min=AMAX_FLOOR) / info.neg_range
+    pos = torch.clamp(torch.as_tensor(pos_max).to(torch.float32), min=AMAX_FLOOR)
+    neg = torch.clamp(torch.as_tensor(neg_min).to(torch.float32).abs(), min=AMAX_FLOOR)
+    pos = pos / torch.full_like(pos, float(info.qmax))  # elementwise division, as in scale_from_amax
+    neg = neg / torch.full_like(neg, float(info.neg_range))
     return pos, neg
