@@ -66,8 +66,12 @@ __all__ = ["optimize", "OptimizeReport", "layer_sites"]
 
 #: Rough cap on the elements of one search product chunk (rows x outputs x segments).
 _CHUNK_ELEMS = 1 << 25
+#: Rough cap on the bytes of the per-candidate tensors of one batched search step.
+_ALPHA_BATCH_BYTES = 1 << 30
 #: Bytes of pending GPTQ weights (float32) per bucket before it runs.
 _GPTQ_BUCKET_BYTES = 1 << 30
+#: Bytes of pending GPTQ weights over all buckets before the largest bucket runs.
+_GPTQ_PENDING_BYTES = 4 << 30
 
 
 @dataclass
@@ -253,20 +257,25 @@ class _Optimizer:
         for gi, (a, b) in enumerate(bounds):
             Wg = W[a:b]
             units = [f"g{gi}.t{t}" for t in range(len(sizes))] if per_seg else [f"g{gi}"]
-            for alpha in self.state.missing(module, shape, units, grid):
+            todo = self.state.missing(module, shape, units, grid)
+            n, k = Wg.shape
+            per_alpha = max(1, _ALPHA_BATCH_BYTES // (12 * n * k + 8 * min(X.shape[0], 4096) * k))
+            for i in range(0, len(todo), per_alpha):
+                chunk = todo[i : i + per_alpha]
                 errs = self._score(
                     ann,
                     X,
                     Wg,
                     absmax,
-                    alpha,
+                    chunk,
                     calibrator,
                     sizes,
                     col_segs,
                     row_segs if len(bounds) == 1 else (),
                     per_seg,
                 )
-                self.state.record(module, shape, alpha, dict(zip(units, errs, strict=True)))
+                for alpha, e in zip(chunk, errs, strict=True):
+                    self.state.record(module, shape, alpha, dict(zip(units, e, strict=True)))
             best = []
             for u in units:
                 al = pick_best(self.state.errors(module, u), grid, base)
@@ -277,59 +286,66 @@ class _Optimizer:
         return out
 
     def _score(
-        self, ann, X, Wg, absmax, alpha, calibrator, sizes, col_segs, row_segs, per_seg
-    ) -> list[float]:
-        s = smoothing_vector(absmax, Wg, alpha).to(Wg.device)
-        Ws = Wg * s[None, :]
-        down_s = up = None
-        if ann.low_rank is not None:
-            down_s, up, Ws = low_rank_split(Ws, ann.low_rank, ann.svd_precision)
-        scale, wsegs = weight_scales(
-            Ws,
-            ann.weight_qtype,
-            ann.weight_granularity,
-            ann.weight_group_size,
-            row_segments=row_segs,
-            col_segments=col_segs,
-        )
-        if ops.qtype_info(ann.weight_qtype).is_float:
-            Wq = ops.dequantize(
-                ops.quantize(Ws, scale, qtype=ann.weight_qtype, segments=wsegs),
-                scale,
-                qtype=ann.weight_qtype,
-                segments=wsegs,
-                out_dtype=torch.float32,
+        self, ann, X, Wg, absmax, alphas, calibrator, sizes, col_segs, row_segs, per_seg
+    ) -> list[list[float]]:
+        """Errors of the candidates ``alphas`` (batched: one ``[A, rows, K]`` pass), per unit."""
+        A = len(alphas)
+        n, k = Wg.shape
+        S = torch.stack([smoothing_vector(absmax, Wg, a).to(Wg.device) for a in alphas])  # [A, K]
+        Wq, downs, ups = [], [], []
+        for i in range(A):
+            Ws = Wg * S[i][None, :]
+            if ann.low_rank is not None:
+                down_s, up, Ws = low_rank_split(Ws, ann.low_rank, ann.svd_precision)
+                downs.append(down_s)
+                ups.append(up)
+            scale, wsegs = weight_scales(
+                Ws,
+                ann.weight_qtype,
+                ann.weight_granularity,
+                ann.weight_group_size,
+                row_segments=row_segs,
+                col_segments=col_segs,
             )
-        else:
-            Wq = fake_quant(Ws, weight_scale_columns(scale, wsegs, Ws.shape[1]), ann.weight_qtype)
-        act = calibrator.scales(s) if calibrator is not None else None
+            if ops.qtype_info(ann.weight_qtype).is_float:
+                q = ops.quantize(Ws, scale, qtype=ann.weight_qtype, segments=wsegs)
+                Wq.append(
+                    ops.dequantize(q, scale, qtype=ann.weight_qtype, segments=wsegs, out_dtype=torch.float32)
+                )
+            else:
+                Wq.append(fake_quant(Ws, weight_scale_columns(scale, wsegs, k), ann.weight_qtype))
+        Wq_t = torch.stack(Wq)  # [A, n, K]
+        del Wq
+        act = _act_scales_batched(calibrator, S, sizes) if calibrator is not None else None
         nseg = len(sizes) if per_seg else 1
         equal = per_seg and len(set(sizes)) == 1
-        errs = torch.zeros(nseg, dtype=torch.float64, device=Wg.device)
-        n = Wg.shape[0]
-        step = max(1, _CHUNK_ELEMS // max(1, n * nseg))
+        errs = torch.zeros(A, nseg, dtype=torch.float64, device=Wg.device)
+        step = max(1, _CHUNK_ELEMS // max(1, A * max(k, n * nseg)))
         for r0 in range(0, X.shape[0], step):
             Xc = X[r0 : r0 + step]
-            Xs = Xc / s[None, :]
+            Xs = Xc[None] / S[:, None, :]  # [A, r, K]
             Xq = _act_fake_quant(Xs, ann, act, sizes)
-            if equal:  # one batched product over the segments: [T, R, d] @ [T, d, n]
+            if equal:  # segments batched too: [A, T, r, d] @ [A, T, d, n]
                 t, d = nseg, sizes[0]
-                xr = Xc.reshape(-1, t, d).transpose(0, 1)
-                xq = Xq.reshape(-1, t, d).transpose(0, 1)
-                ref = torch.bmm(xr, Wg.reshape(n, t, d).permute(1, 2, 0))
-                got = torch.bmm(xq, Wq.reshape(n, t, d).permute(1, 2, 0))
-                errs += (ref - got).double().square().sum(dim=(1, 2))
+                ref = torch.bmm(
+                    Xc.reshape(-1, t, d).transpose(0, 1), Wg.reshape(n, t, d).permute(1, 2, 0)
+                )  # [T, r, n]
+                xq = Xq.reshape(A, -1, t, d).transpose(1, 2)
+                got = torch.matmul(xq, Wq_t.reshape(A, n, t, d).permute(0, 2, 3, 1))  # [A, T, r, n]
+                errs += (ref[None] - got).double().square().sum(dim=(2, 3))
             elif per_seg:
                 for t, (c0, c1) in enumerate(_bounds(sizes)):
                     ref = Xc[:, c0:c1] @ Wg[:, c0:c1].T
-                    got = Xq[:, c0:c1] @ Wq[:, c0:c1].T
-                    errs[t] += (ref - got).double().square().sum()
+                    got = torch.matmul(Xq[:, :, c0:c1], Wq_t[:, :, c0:c1].transpose(1, 2))
+                    errs[:, t] += (ref[None] - got).double().square().sum(dim=(1, 2))
             else:
                 ref = Xc @ Wg.T
-                got = Xq @ Wq.T
-                if down_s is not None:
-                    got = got + (Xs @ down_s.T) @ up.T
-                errs[0] += (ref - got).double().square().sum()
+                got = torch.matmul(Xq, Wq_t.transpose(1, 2))  # [A, r, n]
+                if downs:
+                    got = got + torch.matmul(
+                        torch.matmul(Xs, torch.stack(downs).transpose(1, 2)), torch.stack(ups).transpose(1, 2)
+                    )
+                errs[:, 0] += (ref[None] - got).double().square().sum(dim=(1, 2))
         return errs.tolist()
 
     # -- GPTQ -------------------------------------------------------------------------------------
@@ -370,6 +386,9 @@ class _Optimizer:
         bucket.append(_Task(lay, g, scale_index))
         if len(bucket) * n * k * 4 >= _GPTQ_BUCKET_BYTES:
             self._run_bucket(key)
+        sizes = {kk: sum(t.group.target.numel() * 4 for t in b) for kk, b in self.buckets.items()}
+        if sum(sizes.values()) > _GPTQ_PENDING_BYTES:
+            self._run_bucket(max(sizes, key=sizes.get))
 
     def _run_bucket(self, key: tuple) -> None:
         tasks = self.buckets.pop(key, [])
@@ -449,19 +468,55 @@ def _smoothing(obs: Any, Wg: torch.Tensor, alphas: list[float], sizes: list[int]
     return torch.cat(parts)
 
 
+def _segment_reduce(v: torch.Tensor, sizes: list[int], op: str) -> torch.Tensor:
+    """``[..., K]`` -> ``[..., nseg]`` max (``op="max"``) or min per segment."""
+    if len(set(sizes)) == 1:
+        r = v.reshape(*v.shape[:-1], len(sizes), sizes[0])
+        return r.amax(-1) if op == "max" else r.amin(-1)
+    parts = v.split(sizes, dim=-1)
+    return torch.stack([t.amax(-1) if op == "max" else t.amin(-1) for t in parts], dim=-1)
+
+
+def _act_scales_batched(
+    calibrator: ActivationCalibrator, S: torch.Tensor, sizes: list[int]
+) -> dict[str, torch.Tensor]:
+    """Static activation scales ``[A, nseg]`` for the smoothing vectors ``S`` ``[A, K]``.
+
+    amax: vectorized, the same float32 arithmetic as :meth:`ActivationCalibrator.scales`;
+    percentile/MSE: one histogram per candidate.
+    """
+    if calibrator.kind != "amax":
+        per = [calibrator.scales(s) for s in S]
+        return {key: torch.stack([p[key].to(S.device) for p in per]) for key in per[0]}
+    obs = calibrator.obs
+    pos = _segment_reduce(obs.pos_max.to(S.device)[None, :] / S.float(), sizes, "max")
+    neg = _segment_reduce(obs.neg_min.to(S.device)[None, :] / S.float(), sizes, "min")
+    amax = torch.maximum(pos, -neg)
+    qtype = calibrator.qtype
+    if not calibrator.dual:
+        return {"x_scale": ops.scale_from_amax(amax, qtype)}
+    sp, sn = ops.dual_scales_from_minmax(pos, neg, qtype)
+    if calibrator.dual_segments is not None:
+        sym = ops.scale_from_amax(amax, qtype)
+        flags = torch.tensor(calibrator.dual_segments, device=sp.device)
+        sp, sn = torch.where(flags, sp, sym), torch.where(flags, sn, sym)
+    return {"x_scale_pos": sp, "x_scale_neg": sn}
+
+
 def _act_fake_quant(
     xs: torch.Tensor, ann: LinearAnnotation, act: dict[str, torch.Tensor] | None, sizes: list[int]
 ) -> torch.Tensor:
+    """Fake-quantize ``xs`` ``[A, r, K]`` with per-candidate scales ``[A, nseg]`` (or per token)."""
     aq = ann.act_qtype
     if aq is None:
         return xs
     if ann.act_dynamic:
         return fake_quant_dynamic(xs, sizes, aq)
     if "x_scale_pos" in act:
-        pos = expand_columns(act["x_scale_pos"].to(xs.device), sizes)
-        neg = expand_columns(act["x_scale_neg"].to(xs.device), sizes)
+        pos = expand_columns(act["x_scale_pos"].to(xs.device), sizes)[:, None, :]
+        neg = expand_columns(act["x_scale_neg"].to(xs.device), sizes)[:, None, :]
         return fake_quant_dual(xs, pos, neg, aq)
-    return fake_quant(xs, expand_columns(act["x_scale"].to(xs.device), sizes), aq)
+    return fake_quant(xs, expand_columns(act["x_scale"].to(xs.device), sizes)[:, None, :], aq)
 
 
 def _assemble(lay: _Layer) -> LayerTensors:
@@ -496,6 +551,10 @@ def _assemble(lay: _Layer) -> LayerTensors:
             down, up = groups[0].down, groups[0].up
         out["lr_down"] = down.to(dtype).contiguous()
         out["lr_up"] = up.to(dtype).contiguous()
+    dev = lay.weight.device  # every stored tensor beside the weight it replaces
+    for k, v in out.items():
+        if isinstance(v, torch.Tensor):
+            out[k] = v.to(dev)
     return out
 
 

@@ -482,6 +482,8 @@ class LinearInputObserver(ChannelMinMaxObserver):
     @torch.no_grad()
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Record ``x``; return it."""
+        if self.pos_max.device != x.device:  # keep the extremes where the activations are
+            self.to(x.device)
         super().forward(x)
         flat = x.detach().reshape(-1, self.in_features)
         if flat.shape[0] == 0:
