@@ -788,7 +788,8 @@ class CalibConfig(_Section):
         percdamp: GPTQ Hessian damping as a fraction of the mean diagonal, in (0, 1] (``gptq``).
             A Cholesky failure retries with 10x the damping, up to 10 times, then falls back to
             round-to-nearest with a warning.
-        groupsize: GPTQ group size; ``-1`` follows ``weight_quant.group_size`` (``gptq``).
+        groupsize: GPTQ group size; ``-1`` follows ``weight_quant.group_size`` (``gptq``). A size
+            given while ``weight_quant.group_size`` is unset stores the weights group-wise with it.
         actorder: GPTQ: process columns by decreasing Hessian diagonal (``gptq``). With groups,
             act-order uses static group scales (columns keep their original groups).
         static_groups: GPTQ: fix group scales from the weight before the column loop; otherwise

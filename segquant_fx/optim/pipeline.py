@@ -378,7 +378,7 @@ class _Optimizer:
             c.blocksize,
             c.percdamp,
             c.actorder,
-            None if dynamic else tuple(_scale_nd(g.scale, n).shape),
+            None if dynamic else (tuple(_scale_nd(g.scale, n).shape), tuple(g.wsegs)),
             hdtype,
             str(g.target.device),
         )

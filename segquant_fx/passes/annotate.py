@@ -119,6 +119,8 @@ def _annotation(name: str, node: fx.Node, plan: LayerPlan, c: LayerConfig) -> tu
         dual_seg = None
     gran = c.weight_quant.granularity
     group = c.weight_quant.group_size if gran == "per_group" else None
+    if c.calib.type == "gptq" and c.calib.groupsize != -1 and group is None:
+        gran, group = "per_group", c.calib.groupsize  # GPTQ groups are stored as group-wise weight scales
     if "int4" in (wq, aq) and k % 2:
         return None, f"int4 needs an even in_features, got {k}"
     if group is not None and k % group:
