@@ -123,7 +123,9 @@ def main(argv: list[str] | None = None) -> int:
     times["  alpha search"] = opt_t.get("search", 0.0)
     times["  GPTQ"] = opt_t.get("gptq", 0.0)
     times["  SVD"] = opt_t.get("svd", 0.0)
-    times["  scales, rounding, other"] = max(0.0, meta_t["optimize"] - sum(opt_t.get(k, 0.0) for k in ("search", "gptq", "svd")))
+    times["  scales, rounding, other"] = max(
+        0.0, meta_t["optimize"] - sum(opt_t.get(k, 0.0) for k in ("search", "gptq", "svd"))
+    )
     times["rewrite"] = meta_t["rewrite"]
     times["quantize total (capture to model)"] = quantize_s
     peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
@@ -144,9 +146,15 @@ def main(argv: list[str] | None = None) -> int:
     layers = opt["layers"]
     alphas = [a for lay in layers.values() if lay.get("alphas") for g in lay["alphas"] for a in g]
     fallbacks = sum(bool(lay.get("gptq_fallback")) for lay in layers.values())
-    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
-    print(f"\n## optimize_sd35: {args.model}, {args.items} items x batch {args.batch_size}, {dtype}, {device_name}")
-    print(f"preset {args.preset}; {len(qmodel.plan)} quantized linears, {n_params / 1e9:.3f} B params; torch {torch.__version__}")
+    device_name = (
+        torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
+    )
+    print(
+        f"\n## optimize_sd35: {args.model}, {args.items} items x batch {args.batch_size}, {dtype}, {device_name}"
+    )
+    print(
+        f"preset {args.preset}; {len(qmodel.plan)} quantized linears, {n_params / 1e9:.3f} B params; torch {torch.__version__}"
+    )
     print("\n| phase | seconds |\n|---|---:|")
     for k, v in times.items():
         print(f"| {k} | {v:.2f} |")
@@ -156,7 +164,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     print(f"GPTQ fallbacks to round-to-nearest: {fallbacks}")
     if peak is not None:
-        print(f"peak GPU memory during quantization: {_gib(peak):.2f} GiB (model alone {_gib(mem_model):.2f} GiB)")
+        print(
+            f"peak GPU memory during quantization: {_gib(peak):.2f} GiB (model alone {_gib(mem_model):.2f} GiB)"
+        )
     if err is not None:
         print(f"relative output error vs float on a held-out input: {err:.4f}")
     verdict = None
