@@ -253,7 +253,7 @@ class _Optimizer:
         per_seg = len(sizes) > 1 and ann.low_rank is None
         absmax = obs.absmax.to(W.device)
         out = []
-        shape = list(W.shape)
+        shape = [*W.shape, _setting(ann)]
         for gi, (a, b) in enumerate(bounds):
             Wg = W[a:b]
             units = [f"g{gi}.t{t}" for t in range(len(sizes))] if per_seg else [f"g{gi}"]
@@ -446,6 +446,15 @@ def _smoothed_hessian(obs: Any, smooth: torch.Tensor | None, device: torch.devic
         s = smooth.to(device=device, dtype=h.dtype)
         h = h / (s[:, None] * s[None, :])
     return h
+
+
+def _setting(ann: LinearAnnotation) -> str:
+    """What an alpha-search score depends on besides the weight and the data."""
+    return (
+        f"a={ann.act_qtype}{'/dyn' if ann.act_dynamic else ''} w={ann.weight_qtype}/{ann.weight_granularity}"
+        f"{ann.weight_group_size or ''} in={list(ann.in_segments)} out={list(ann.out_segments)} dual={ann.dual} "
+        f"groups={list(ann.smooth_groups)} rank={ann.low_rank} calib={ann.calib.type}"
+    )
 
 
 def _bounds(sizes: Any) -> list[tuple[int, int]]:

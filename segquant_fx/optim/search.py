@@ -46,9 +46,13 @@ class SearchState:
     File format::
 
         {"version": 1,
-         "layers": {"<module>": {"shape": [N, K],
+         "layers": {"<module>": {"shape": [N, K, "<setting>"],
                                  "units": {"g0.t0": {"0.0": 1.25e-3, "0.1": ...}, ...},
                                  "best": {"g0.t0": 0.4, ...}}}}
+
+    ``shape`` identifies what was scored: the weight shape plus a string of the layer's quantization
+    setting (formats, segments, calibrator, rank); an entry recorded for another one is discarded
+    with a warning. The file does not identify the calibration set: resume with the same items.
 
     Args:
         path: JSON file to resume from and write to, or None (in memory only).
@@ -79,12 +83,12 @@ class SearchState:
             return
         self.layers = data["layers"]
 
-    def layer(self, module: str, shape: Sequence[int]) -> dict[str, Any]:
-        """The entry of ``module``; an entry recorded for another weight shape is discarded."""
+    def layer(self, module: str, shape: Sequence[Any]) -> dict[str, Any]:
+        """The entry of ``module``; an entry recorded for another shape/setting is discarded."""
         entry = self.layers.get(module)
         if entry is not None and list(entry.get("shape", [])) != list(shape):
             warnings.warn(
-                f"alpha search state: {module} was recorded for weight shape {entry.get('shape')}, not "
+                f"alpha search state: {module} was recorded for weight shape/setting {entry.get('shape')}, not "
                 f"{list(shape)}; re-evaluating it",
                 stacklevel=3,
             )
@@ -95,7 +99,7 @@ class SearchState:
         return entry
 
     def missing(
-        self, module: str, shape: Sequence[int], units: Sequence[str], grid: Sequence[float]
+        self, module: str, shape: Sequence[Any], units: Sequence[str], grid: Sequence[float]
     ) -> list[float]:
         """The candidates of ``grid`` not yet evaluated for every unit of ``module``."""
         entry = self.layer(module, shape)
@@ -108,7 +112,7 @@ class SearchState:
                 todo.append(a)
         return todo
 
-    def record(self, module: str, shape: Sequence[int], alpha: float, errors: dict[str, float]) -> None:
+    def record(self, module: str, shape: Sequence[Any], alpha: float, errors: dict[str, float]) -> None:
         """Store the errors of one candidate (one evaluation)."""
         entry = self.layer(module, shape)
         k = alpha_key(alpha)

@@ -206,6 +206,11 @@ def test_search_state_resume_skips_work(toy, tmp_path):
     assert resumed.meta["optimizer"]["search_evaluations"] == 3
     assert resumed.meta["optimizer"]["layers"] == first.meta["optimizer"]["layers"]
     assert len(json.loads(path.read_text())["layers"]["lin"]["units"]["g0"]) == 11
+    # the same file with another quantization setting (int4 weights): scores do not carry over
+    other = {"default": {**PLAIN, "weight_quant": {"type": "int4", "axis": 0}, "opt": cfg["default"]["opt"]}}
+    with pytest.warns(UserWarning, match="re-evaluating"):
+        redone = quantize(toy, cal, other, progress=False)
+    assert redone.meta["optimizer"]["search_evaluations"] == 11
 
 
 def test_search_state_file_with_another_shape_or_garbage_is_redone(tmp_path):
@@ -217,5 +222,5 @@ def test_search_state_file_with_another_shape_or_garbage_is_redone(tmp_path):
     st.record("lin", [4, 4], 0.5, {"g0": 1.0})
     st.save()
     st2 = SearchState(path)
-    with pytest.warns(UserWarning, match="weight shape"):
+    with pytest.warns(UserWarning, match="weight shape/setting"):
         assert st2.missing("lin", [8, 4], ["g0"], [0.5]) == [0.5]
