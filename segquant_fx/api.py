@@ -68,6 +68,9 @@ def _plain_attributes(model: torch.nn.Module) -> dict[str, Any]:
         if callable(v) and not hasattr(v, "keys"):
             continue
         out[k] = v
+    cfg = getattr(model, "config", None)  # diffusers: a property over _internal_dict
+    if cfg is not None and not isinstance(cfg, (torch.nn.Module, torch.Tensor)):
+        out["config"] = cfg
     return out
 
 
@@ -289,6 +292,17 @@ def prepare(model: torch.nn.Module, example: Any, cfg: QuantizeConfig, *, dynami
     if not annotations(gm):
         raise ConfigError("no linear layer is enabled by the config: check 'enable' in the default entry and globs")
     constants = {k: v for k, v in cm.example_kwargs.items() if not _has_tensor(v) and k != "return_dict"}
+    if signature is not None:  # arguments the example left out were captured at their defaults
+        for name, p in signature.parameters.items():
+            if (
+                name not in constants
+                and name not in cm.example_kwargs
+                and name != "return_dict"
+                and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
+                and p.default is not inspect.Parameter.empty
+                and not _has_tensor(p.default)
+            ):
+                constants[name] = p.default
     return Prepared(model, gm, cfg, signature, constants, dict(cm.example_kwargs), report, annotate)
 
 

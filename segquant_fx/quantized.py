@@ -79,6 +79,8 @@ class QuantizedModel(torch.nn.Module):
         self._signature = signature
         self._constants = dict(constants)
         self.plan = dict(plan)
+        #: The float dtype activations had at capture (casts baked at it follow ``.to(dtype)``).
+        self.dtype_captured = self.dtype
         self.model_class = model_class
         self.meta = dict(meta or {})
         in_spec = getattr(graph_module, "_in_spec", None)
@@ -187,8 +189,12 @@ class QuantizedModel(torch.nn.Module):
                     new = t.detach().to(dtype)
                     store[name] = torch.nn.Parameter(new, t.requires_grad) if isinstance(t, torch.nn.Parameter) else new
         g = self.graph_module.graph
+        old = self.dtype_captured
         for node in g.nodes:
             if node.op != "call_function":
+                continue
+            if _follows_model_dtype(node, old):
+                node.args = (node.args[0], dtype, *node.args[2:])
                 continue
             name = getattr(node.target, "__name__", "").split(".")[0]
             if getattr(node.target, "namespace", None) == "segquant" and name in _OUT_DTYPE_ARG:
@@ -196,6 +202,7 @@ class QuantizedModel(torch.nn.Module):
                 if len(node.args) > i and isinstance(node.args[i], torch.dtype):
                     node.args = (*node.args[:i], dtype, *node.args[i + 1 :])
         self.graph_module.recompile()
+        self.dtype_captured = dtype
 
     def _retarget_device(self, device: torch.device) -> None:
         changed = False
@@ -240,6 +247,19 @@ class QuantizedModel(torch.nn.Module):
     def extra_repr(self) -> str:
         """Class and size, for ``print(model)``."""
         return f"model_class={self.model_class!r}, quantized_layers={len(self.plan)}"
+
+
+def _follows_model_dtype(node: fx.Node, model_dtype: torch.dtype) -> bool:
+    """An ``aten.to.dtype(x, model_dtype)`` that was a no-op at capture is a ``.to(x.dtype)``-style cast.
+
+    Models cast back to "the activation dtype" (``out.to(x.dtype)`` after a float32 rotary embedding, say);
+    export bakes the dtype it saw. Such casts must follow ``.to(dtype)``; casts that changed the dtype at
+    capture (``.float()`` of a half tensor, int -> float) keep their target.
+    """
+    if node.target is not torch.ops.aten.to.dtype or len(node.args) < 2 or node.args[1] != model_dtype:
+        return False
+    src = node.args[0].meta.get("val") if isinstance(node.args[0], fx.Node) else None
+    return isinstance(src, torch.Tensor) and src.dtype == model_dtype
 
 
 def _segs(s: Any) -> str:

@@ -145,7 +145,20 @@ def bind_inputs(signature: inspect.Signature | None, item: Any, defaults: dict[s
         bound = signature.bind_partial(*args, **kwargs)
     except TypeError as e:
         raise CalibrationError(f"calibration item does not fit forward({', '.join(params)}): {e}") from None
+    for k, v in bound.arguments.items():
+        if k in defaults and not _same_constant(v, defaults[k]):
+            raise CalibrationError(
+                f"calibration item sets {k}={v!r}, but the model was captured with {k}={defaults[k]!r}: non-tensor "
+                "arguments are constants of the captured graph; calibrate with the value you will run with"
+            )
     return {**defaults, **bound.arguments}
+
+
+def _same_constant(a: Any, b: Any) -> bool:
+    try:
+        return bool(a == b) or (a is None and b is None)
+    except Exception:  # noqa: BLE001 - incomparable values differ
+        return False
 
 
 def flatten_inputs(gm: fx.GraphModule, kwargs: dict[str, Any]) -> list[Any]:

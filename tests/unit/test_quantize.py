@@ -439,12 +439,6 @@ def test_dtype_and_device(zoo):
     assert q.device == torch.device("cpu")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: QuantizedModel has no .config for diffusers models: api._plain_attributes copies "
-    "vars(model) without '_'-prefixed names, but diffusers keeps the config in model._internal_dict "
-    "and exposes it through the ConfigMixin.config property",
-)
 def test_config_is_kept(zoo):
     c = zoo.case("tiny-flux")
     q = zoo.quantized("tiny-flux", "w8a8")
@@ -461,17 +455,7 @@ def _to_bf16(tree: Any) -> Any:
     "name",
     [
         "tiny-sd3",
-        pytest.param(
-            "tiny-flux",
-            marks=pytest.mark.xfail(
-                strict=True,
-                raises=RuntimeError,
-                reason="BUG: QuantizedModel.to(bfloat16) leaves the float32 casts that export baked into "
-                "the graph (aten.to.dtype(x, torch.float32) from diffusers' apply_rotary_emb "
-                "'.to(x.dtype)'), so q/k stay float32 while v is bfloat16 and SDPA raises; "
-                "_convert_dtype only retargets segquant ops' out_dtype",
-            ),
-        ),
+        "tiny-flux",
     ],
 )
 def test_bfloat16(zoo, name):
@@ -628,12 +612,6 @@ def test_config_enabling_no_layer(config):
         quantize(_Toy(), _toy_items(), config, progress=False)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: a calibration item whose non-tensor argument differs from the captured constant is "
-    "silently calibrated with the captured value (calibrate.flatten_inputs keeps only the graph's "
-    "tensor inputs); QuantizedModel rejects the same call with SegQuantError",
-)
 def test_calibration_item_with_other_constant():
     """``scale=2.0`` in a later item while the graph was captured with ``scale=1.0``: CalibrationError."""
     items = _toy_items()
