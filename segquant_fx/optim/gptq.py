@@ -40,6 +40,8 @@ __all__ = ["GPTQResult", "gptq_quantize", "MAX_DAMP_RETRIES"]
 
 #: Damping retries (x10 each) before falling back to round-to-nearest.
 MAX_DAMP_RETRIES = 10
+#: Largest sub-batch of Hessians factorized at once (bytes).
+_FACTOR_BYTES = 1 << 30
 
 
 @dataclass
@@ -62,7 +64,10 @@ class GPTQResult:
 def _inverse_factors(
     h: torch.Tensor, percdamp: float, names: Sequence[str]
 ) -> tuple[torch.Tensor, list[float], list[bool]]:
-    """Upper Cholesky factors of ``(H + d I)^-1`` per problem, with damping retries."""
+    """Upper Cholesky factors of ``(H + d I)^-1`` per problem, with damping retries.
+
+    Factorizes sub-batches of at most ``_FACTOR_BYTES`` so that the temporaries stay small.
+    """
     nprob, k = h.shape[0], h.shape[-1]
     eye = torch.eye(k, dtype=h.dtype, device=h.device)
     mean_diag = h.diagonal(dim1=-2, dim2=-1).mean(-1)
@@ -70,21 +75,27 @@ def _inverse_factors(
     out = torch.zeros_like(h)
     ok = torch.zeros(nprob, dtype=torch.bool, device=h.device)
     used = [float("nan")] * nprob
+    per = max(1, _FACTOR_BYTES // (k * k * h.element_size()))
     for _attempt in range(MAX_DAMP_RETRIES + 1):
         todo = (~ok).nonzero().flatten()
         if todo.numel() == 0:
             break
-        hd = h[todo] + damp[todo, None, None] * eye
-        lower, info = torch.linalg.cholesky_ex(hd)
-        inv = torch.cholesky_inverse(lower)
-        upper, info2 = torch.linalg.cholesky_ex(inv, upper=True)
-        good = (info == 0) & (info2 == 0) & torch.isfinite(upper).flatten(1).all(1)
-        idx = todo[good]
-        out[idx] = upper[good]
-        for i, d in zip(idx.tolist(), damp[idx].tolist(), strict=True):
-            used[i] = d
-        ok[idx] = True
-        damp[todo[~good]] *= 10.0
+        for chunk in todo.split(per):
+            hd = h[chunk] + damp[chunk, None, None] * eye
+            lower, info = torch.linalg.cholesky_ex(hd)
+            del hd
+            inv = torch.cholesky_inverse(lower)
+            del lower
+            upper, info2 = torch.linalg.cholesky_ex(inv, upper=True)
+            del inv
+            good = (info == 0) & (info2 == 0) & torch.isfinite(upper).flatten(1).all(1)
+            idx = chunk[good]
+            out[idx] = upper[good]
+            del upper
+            for i, d in zip(idx.tolist(), damp[idx].tolist(), strict=True):
+                used[i] = d
+            ok[idx] = True
+            damp[chunk[~good]] *= 10.0
     failed = (~ok).tolist()
     for i, bad in enumerate(failed):
         if bad:
@@ -136,7 +147,7 @@ def gptq_quantize(
     nprob, n, k = w.shape
     dev = w.device
     W = w.to(torch.float32).clone()
-    H = h.clone()
+    H = h  # not modified in place (copied below where it must change)
     dynamic = scale is None
     if dynamic:
         if group_size is None or k % group_size:
@@ -150,9 +161,11 @@ def gptq_quantize(
         col_scale = (
             scale_index.to(dev) if scale_index is not None else torch.zeros(k, dtype=torch.long, device=dev)
         )
+    dead = H.diagonal(dim1=-2, dim2=-1) == 0
+    if bool(dead.any()):
+        H = H.clone()
+        H.diagonal(dim1=-2, dim2=-1)[dead] = 1.0
     diag = H.diagonal(dim1=-2, dim2=-1)
-    dead = diag == 0
-    diag[dead] = 1.0
     perm = None
     if actorder:
         perm = torch.argsort(diag, dim=-1, descending=True)  # [L, K]

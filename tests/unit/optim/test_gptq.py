@@ -166,3 +166,21 @@ def test_one_hessian_per_input_tensor_shared_by_q_k_v():
     n_hess = len({id(o.hessian) for o in observers.values()})
     print(f"\ntiny-sd3: {len(observers)} quantized linears, {n_obs} observers, {n_hess} Hessians")
     assert n_hess == n_obs < len(observers)
+
+
+def test_factorization_in_sub_batches_gives_the_same_result(monkeypatch):
+    from segquant_fx.optim import gptq
+
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(3, 256, 16, generator=g)
+    h = torch.einsum("lri,lrj->lij", x, x) / 128
+    h[1] = -torch.eye(16)  # singular: falls back, while its neighbours factorize
+    w = torch.randn(3, 8, 16, generator=g)
+    scale = torch.full((3, 8, 1), 0.02)
+    with pytest.warns(RuntimeWarning):
+        whole = gptq_quantize(w, h, "int8", scale=scale)
+    monkeypatch.setattr(gptq, "_FACTOR_BYTES", 1)  # one problem per factorization
+    with pytest.warns(RuntimeWarning):
+        split = gptq_quantize(w, h, "int8", scale=scale)
+    assert torch.equal(whole.codes, split.codes)
+    assert whole.fallback == split.fallback == [False, True, False]
