@@ -102,6 +102,48 @@ class CalibrationInterpreter(fx.Interpreter):
                 self._per_linear[names[0]] = obs  # input is not a node: observe at the linear
             else:
                 self._at_node[key] = obs
+        self._fast: fx.GraphModule | bool | None = None
+
+    def fast_run(self, *flat: Any) -> Any:
+        """Run one item through a compiled copy of the graph with observer calls inserted.
+
+        Same observers, same order of observation as :meth:`run`, without the interpreter's per-node
+        Python cost (about 16 us a node). On a failure the item is re-run node by node through
+        :meth:`run` so the error names the failing node.
+        """
+        if self._fast is None:
+            self._fast = self._instrumented()
+        if self._fast is False:
+            return self.run(*flat)
+        try:
+            return self._fast(*flat)
+        except SegQuantError:
+            raise
+        except Exception:  # noqa: BLE001 - re-run slowly to attribute the failure to a node
+            return self.run(*flat)
+
+    def _instrumented(self) -> fx.GraphModule | bool:
+        if self._per_linear:
+            return False  # observation at a linear whose input is not a node: interpreter only
+        gm = self.module
+        graph = fx.Graph()
+        env: dict[fx.Node, fx.Node] = {}
+        out = graph.graph_copy(gm.graph, env)
+        graph.output(out)
+        root: dict[str, Any] = {}
+        for i, (name, obs) in enumerate(self._at_node.items()):
+            node = next(n for o, n in env.items() if o.name == name)
+            key = f"_segquant_observer_{i}"
+            root[key] = obs
+            with graph.inserting_after(node):
+                graph.call_module(key, (node,))
+        for n in graph.nodes:
+            if n.op in ("get_attr", "call_module") and n.target not in root:
+                root[n.target] = _fetch(gm, n.target)
+        try:
+            return fx.GraphModule(root, graph)
+        except Exception:  # noqa: BLE001 - an exotic graph: keep the interpreter
+            return False
 
     def run_node(self, n: fx.Node) -> Any:
         """Run ``n``; hand its value to the observer of the linears that read it."""
@@ -118,6 +160,13 @@ class CalibrationInterpreter(fx.Interpreter):
             raise
         except Exception as e:
             raise CalibrationError(f"calibration failed at node={n.format_node()}: {type(e).__name__}: {e}") from e
+
+
+def _fetch(root: torch.nn.Module, target: str) -> Any:
+    obj: Any = root
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    return obj
 
 
 def bind_inputs(signature: inspect.Signature | None, item: Any, defaults: dict[str, Any]) -> dict[str, Any]:
@@ -209,7 +258,7 @@ def calibrate(
                 break
             kwargs = bind_inputs(signature, item, defaults)
             flat = flatten_inputs(gm, kwargs)
-            interp.run(*flat)
+            interp.fast_run(*flat)
             n += 1
             bar.update(1)
     finally:
