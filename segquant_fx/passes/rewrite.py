@@ -253,18 +253,24 @@ class QuantizeRewritePass(SegQuantPass):
             wsegs = list(ann.in_segments)  # per-input-segment weight scales (a fake-quant save keeps no segments)
         with g.inserting_before(node):
             smooth = buf("smooth", smooth_t) if smooth_t is not None else None
-            scales = {k: buf(k, tensors[k]) for k in ("x_scale_pos", "x_scale_neg", "x_scale") if k in tensors}
-            if not ann.real_quant:
-                w_hat = ops.dequantize(
-                    tensors["qweight"], ws_t, qtype=ann.weight_qtype, segments=wsegs, out_dtype=weight.dtype,
-                )
-                wnodes = {"weight_hat": buf("weight_hat", w_hat)}
-            else:
-                wnodes = {"qweight": buf("qweight", tensors["qweight"]), "w_scale": buf("w_scale", ws_t)}
-                if ann.act_qtype is None:
-                    scales["x_scale"] = buf("x_scale", torch.ones(1))  # weight-only: an unused placeholder
+            # buffers are registered (get_attr nodes created) on first use, in the order of rules 1-5
+            made: dict[str, fx.Node] = {}
+
+            def tensor(name: str) -> fx.Node:
+                if name not in made:
+                    if name == "weight_hat":
+                        t = ops.dequantize(
+                            tensors["qweight"], ws_t, qtype=ann.weight_qtype, segments=wsegs, out_dtype=weight.dtype
+                        )
+                    elif name == "x_scale" and ann.act_qtype is None:
+                        t = torch.ones(1)  # weight-only: an unused placeholder
+                    else:
+                        t = ws_t if name == "w_scale" else tensors[name]
+                    made[name] = buf(name, t)
+                return made[name]
+
             if not grouped:
-                new = self._emit_one(g, ann, x, smooth, scales, wnodes, wsegs, b_node, out_dtype)
+                new = self._emit_one(g, ann, x, smooth, tensor, wsegs, b_node, out_dtype)
             else:
                 sizes = list(ann.smooth_groups)
                 if len(sizes) != smooth_t.shape[0] or sum(sizes) != ann.out_features:
@@ -273,13 +279,22 @@ class QuantizeRewritePass(SegQuantPass):
                     )
                 outs, a = [], 0
                 for gi, n_g in enumerate(sizes):
+
+                    def part(name: str, gi: int = gi, a: int = a, n_g: int = n_g) -> fx.Node:
+                        if name.startswith("x_scale"):  # [G, ...]: this group's row
+                            return g.call_function(aten.select.int, (tensor(name), 0, gi))
+                        return g.call_function(aten.slice.Tensor, (tensor(name), 0, a, a + n_g))  # weight rows
+
                     sm = g.call_function(aten.select.int, (smooth, 0, gi))
-                    sc = {k: g.call_function(aten.select.int, (v, 0, gi)) for k, v in scales.items()}
-                    wn = {k: g.call_function(aten.slice.Tensor, (v, 0, a, a + n_g)) for k, v in wnodes.items()}
                     bg = g.call_function(aten.slice.Tensor, (b_node, 0, a, a + n_g)) if b_node is not None else None
-                    outs.append(self._emit_one(g, ann, x, sm, sc, wn, wsegs, bg, out_dtype))
+                    outs.append(self._emit_one(g, ann, x, sm, part, wsegs, bg, out_dtype))
                     a += n_g
                 new = g.call_function(aten.cat.default, (outs, -1))
+            for name in ("x_scale", "x_scale_pos", "x_scale_neg"):
+                if name in tensors and name not in made:  # unused by this path (fake DualScale): kept for saving
+                    if name in owner._buffers or hasattr(owner, name):
+                        delattr(owner, name)
+                    owner.register_buffer(name, tensors[name].detach().contiguous())
             if "lr_down" in tensors:
                 h = g.call_function(aten.linear.default, (x, buf("lr_down", tensors["lr_down"])))
                 lr = g.call_function(aten.linear.default, (h, buf("lr_up", tensors["lr_up"])))
@@ -292,8 +307,8 @@ class QuantizeRewritePass(SegQuantPass):
         return new
 
     @staticmethod
-    def _emit_one(g, ann, x, smooth, scales, wnodes, wsegs, b_node, out_dtype) -> fx.Node:
-        """The quantized GEMM of one smoothing group (rules 1-5)."""
+    def _emit_one(g, ann, x, smooth, tensor, wsegs, b_node, out_dtype) -> fx.Node:
+        """The quantized GEMM of one smoothing group (rules 1-5); ``tensor(name)`` gives a buffer's node."""
         segs = list(ann.in_segments)
         aq = ann.act_qtype
         seg_ops = torch.ops.segquant
@@ -306,32 +321,28 @@ class QuantizeRewritePass(SegQuantPass):
                 s = g.call_function(operator.getitem, (qd, 1))
                 x_hat = g.call_function(seg_ops.dequantize.default, (q, s, segs, aq, out_dtype))
             elif ann.dual:
-                x_hat = g.call_function(
-                    seg_ops.fake_quantize_dual.default, (x, scales["x_scale_pos"], scales["x_scale_neg"], segs, aq, smooth)
-                )
+                pos, neg = tensor("x_scale_pos"), tensor("x_scale_neg")
+                x_hat = g.call_function(seg_ops.fake_quantize_dual.default, (x, pos, neg, segs, aq, smooth))
             else:
-                x_hat = g.call_function(seg_ops.fake_quantize.default, (x, scales["x_scale"], segs, aq, smooth))
+                x_hat = g.call_function(seg_ops.fake_quantize.default, (x, tensor("x_scale"), segs, aq, smooth))
             # x_hat lives in the smoothed domain (x / s); w_hat = deq(Q(W * s)) undoes it
-            return g.call_function(torch.ops.aten.linear.default, (x_hat, wnodes["weight_hat"], b_node))
-        qw, ws = wnodes["qweight"], wnodes["w_scale"]
+            return g.call_function(torch.ops.aten.linear.default, (x_hat, tensor("weight_hat"), b_node))
+        qw, ws = tensor("qweight"), tensor("w_scale")
         if aq is None:
-            empty = scales.get("x_scale")
-            if empty is None:
-                raise CalibrationError(f"{ann.module}: weight-only layer without its placeholder x_scale")
-            args = (x, empty, [], "none", qw, ws, wsegs, ann.weight_qtype, b_node, False, out_dtype)
+            args = (x, tensor("x_scale"), [], "none", qw, ws, wsegs, ann.weight_qtype, b_node, False, out_dtype)
         elif ann.act_dynamic:
             qd = g.call_function(seg_ops.quantize_dynamic.default, (x, segs, aq, smooth))
             q = g.call_function(operator.getitem, (qd, 0))
             s = g.call_function(operator.getitem, (qd, 1))
             args = (q, s, segs, aq, qw, ws, wsegs, ann.weight_qtype, b_node, False, out_dtype)
         elif ann.dual:
-            q = g.call_function(
-                seg_ops.quantize_dual.default, (x, scales["x_scale_pos"], scales["x_scale_neg"], segs, aq, smooth)
-            )
-            args = (q, scales["x_scale"], segs, aq, qw, ws, wsegs, ann.weight_qtype, b_node, True, out_dtype)
+            pos, neg = tensor("x_scale_pos"), tensor("x_scale_neg")
+            q = g.call_function(seg_ops.quantize_dual.default, (x, pos, neg, segs, aq, smooth))
+            args = (q, tensor("x_scale"), segs, aq, qw, ws, wsegs, ann.weight_qtype, b_node, True, out_dtype)
         else:
-            q = g.call_function(seg_ops.quantize.default, (x, scales["x_scale"], segs, aq, smooth))
-            args = (q, scales["x_scale"], segs, aq, qw, ws, wsegs, ann.weight_qtype, b_node, False, out_dtype)
+            xs = tensor("x_scale")
+            q = g.call_function(seg_ops.quantize.default, (x, xs, segs, aq, smooth))
+            args = (q, xs, segs, aq, qw, ws, wsegs, ann.weight_qtype, b_node, False, out_dtype)
         new = g.call_function(seg_ops.qlinear.default, args)
         new.meta["segquant_quantized"] = ann
         return new

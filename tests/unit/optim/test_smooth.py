@@ -224,3 +224,18 @@ def test_search_state_file_with_another_shape_or_garbage_is_redone(tmp_path):
     st2 = SearchState(path)
     with pytest.warns(UserWarning, match="weight shape/setting"):
         assert st2.missing("lin", [8, 4], ["g0"], [0.5]) == [0.5]
+
+
+def test_fake_quant_dualscale_layer_round_trips(tmp_path):
+    """The fake DualScale path reads only x_scale_pos/neg; the combined x_scale is still saved."""
+    torch.manual_seed(0)
+    model = cache_capture(AdaChunk().eval())
+    items = _ada_items(7)
+    base = {**PLAIN, "real_quant": False, "seglinear": True, "dual_scale": True}
+    base["search_patterns"] = ["linear_to_chunk", "activation_to_linear"]
+    q = quantize(model, items, {"default": {**base, "opt": {"type": "smooth"}}}, progress=False)
+    assert q.plan["lin"]["dual"]
+    q.save(tmp_path / "q")
+    loaded = segquant_fx.load(tmp_path / "q", model=AdaChunk().eval())
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(*items[0]), q(*items[0]), rtol=0, atol=0)
