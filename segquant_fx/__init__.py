@@ -31,6 +31,8 @@ _LAZY: dict[str, str] = {
     "QuantizeConfig": "segquant_fx.config",
     "quantize": "segquant_fx.api",
     "load": "segquant_fx.api",
+    "compile": "segquant_fx.compile",
+    "export_onnx": "segquant_fx.export.onnx",
 }
 
 __all__ = ["__version__", *_LAZY]

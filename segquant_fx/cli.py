@@ -10,6 +10,9 @@ Commands:
   case the file must also define ``example_inputs()``.
 * ``build-kernels [--arch 90a,80,89] [--out DIR] [--force] [--jobs N] [--example]``: compile
   ``kernels_cuda/`` into ``libsegquant_kernels.so`` (see :mod:`segquant_fx.ops.build`).
+* ``export-onnx --model NAME|path/to/file.py:factory [--preset w8a8] [--format qdq|segquant] --out FILE``:
+  quantize a model (built-ins calibrate on ``calibration_items``) and export it to ONNX
+  (see :mod:`segquant_fx.export.onnx`).
 """
 
 from __future__ import annotations
@@ -127,6 +130,23 @@ def _cmd_build_kernels(args: argparse.Namespace) -> int:
     return build.run_from_args(args)
 
 
+def _cmd_export_onnx(args: argparse.Namespace) -> int:
+    from segquant_fx.api import quantize
+    from segquant_fx.export.onnx import export_onnx
+
+    model, example = load_model_arg(args.model, args.batch_size)
+    if args.model.endswith(".py") or ":" in args.model:
+        items = [example] * args.calib_items
+    else:
+        from segquant_fx.models import calibration_items
+
+        items = calibration_items(args.model, args.calib_items, args.batch_size)
+    qmodel = quantize(model, items, args.preset, progress=not args.quiet)
+    path = export_onnx(qmodel, args.out, example=example, format=args.format, opset=args.opset)
+    print(f"{args.model}: {len(qmodel.plan)} quantized layers ({args.preset}) exported as {args.format} to {path}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of ``segquant-fx``."""
     parser = argparse.ArgumentParser(prog="segquant-fx", description=__doc__.split("\n")[0])
@@ -155,6 +175,17 @@ def build_parser() -> argparse.ArgumentParser:
     b = sub.add_parser("build-kernels", help="compile the CUDA kernel library (kernels_cuda/) with nvcc")
     add_arguments(b)
     b.set_defaults(func=_cmd_build_kernels)
+
+    e = sub.add_parser("export-onnx", help="quantize a model and export it to ONNX (qdq or segquant ops)")
+    e.add_argument("--model", default="tiny-sd35", help="built-in name (default tiny-sd35) or path/to/file.py:factory")
+    e.add_argument("--preset", default="w8a8", help="config preset (w8a8, w8a8-fp8, w8a8-dynamic, w8a16, w4a16)")
+    e.add_argument("--format", default="qdq", choices=["qdq", "segquant"], help="standard QDQ ops or com.segquant ops")
+    e.add_argument("--out", required=True, help="output .onnx file")
+    e.add_argument("--opset", type=int, default=21, help="ONNX opset (default 21)")
+    e.add_argument("--calib-items", type=int, default=8, help="calibration items (random inputs for built-ins)")
+    e.add_argument("--batch-size", type=int, default=2)
+    e.add_argument("--quiet", action="store_true", help="no progress bars")
+    e.set_defaults(func=_cmd_export_onnx)
     return parser
 
 
