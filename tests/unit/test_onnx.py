@@ -278,6 +278,36 @@ def test_segquant_format_is_complete(preset, tmp_path):
     assert rel(out, ref) < 1e-5
 
 
+@pytest.mark.parametrize("preset", ["w8a8", "w8a8-dynamic"])
+def test_fake_quant_graphs_export(preset, tmp_path):
+    """real_quant=False graphs (fake_quantize[_dual], quantize_dynamic + dequantize) export in both formats."""
+    from segquant_fx.config import QuantizeConfig
+
+    cfg = QuantizeConfig.coerce(preset).to_dict()
+    cfg["default"]["real_quant"] = False
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        qmodel = segquant_fx.quantize(
+            Toy().eval(), [{"x": torch.randn(2, 6, 64, generator=g)} for _ in range(3)], cfg, progress=False
+        )
+    assert "qlinear" not in segquant_counts(qmodel)
+    x = torch.randn(3, 5, 64)
+    with torch.no_grad():
+        ref = qmodel(x).numpy()
+    qdq = segquant_fx.export_onnx(qmodel, tmp_path / "qdq.onnx", format="qdq")
+    onnx.checker.check_model(onnx.load(str(qdq)), full_check=True)
+    assert rel(run_ort(qdq, {"x": x.numpy()})[0], ref) < 1e-5
+    seg = segquant_fx.export_onnx(qmodel, tmp_path / "seg.onnx", format="segquant")
+    proto = onnx.load(str(seg))
+    register_schemas()
+    onnx.checker.check_model(proto, full_check=True)
+    ops = Counter(n.op_type for n in proto.graph.node)
+    want = {"FakeQuantize", "FakeQuantizeDual"} if preset == "w8a8" else {"QuantizeDynamic", "Dequantize"}
+    assert want <= set(ops) and "QLinear" not in ops
+
+
 def test_int4_activations_in_qdq_raise_naming_node(tmp_path):
     """int4 activations have no standard QDQ form: the error names the node and format='segquant'."""
     _, qmodel = toy("w4a4")
