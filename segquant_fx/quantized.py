@@ -22,7 +22,7 @@ from torch.utils import _pytree as pytree
 
 from segquant_fx.errors import SegQuantError
 
-__all__ = ["QuantizedModel", "PROTECTED_BUFFERS", "prepare_graph_module"]
+__all__ = ["QuantizedModel", "PROTECTED_BUFFERS", "prepare_graph_module", "same_constant"]
 
 #: Buffer names the rewrite owns: never dtype-converted by ``.to(dtype)``.
 PROTECTED_BUFFERS = frozenset({"qweight", "w_scale", "x_scale", "x_scale_pos", "x_scale_neg", "smooth", "weight_hat"})
@@ -44,11 +44,6 @@ def prepare_graph_module(gm: fx.GraphModule) -> fx.GraphModule:
                 owner.register_buffer(attr, val)
     gm.recompile()
     return gm
-
-
-def _owner_of(gm: torch.nn.Module, target: str) -> torch.nn.Module:
-    *path, _ = target.split(".")
-    return gm.get_submodule(".".join(path)) if path else gm
 
 
 class QuantizedModel(torch.nn.Module):
@@ -115,7 +110,7 @@ class QuantizedModel(torch.nn.Module):
         for name, value in given.items():
             default = self._signature.parameters[name].default
             captured = self._constants.get(name, default)
-            if not _same(value, captured) and not _same(value, default):
+            if not same_constant(value, captured) and not same_constant(value, default):
                 raise SegQuantError(
                     f"argument {name!r}={_short(value)} differs from the value the model was captured with "
                     f"({_short(captured)}); quantize again with an example that passes it"
@@ -268,7 +263,8 @@ def _segs(s: Any) -> str:
     return f"{len(s)}x{s[0]}" if len(set(s)) == 1 else "+".join(map(str, s))
 
 
-def _same(a: Any, b: Any) -> bool:
+def same_constant(a: Any, b: Any) -> bool:
+    """Whether two non-tensor argument values are equal (tensors never count as equal constants)."""
     try:
         if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
             return False

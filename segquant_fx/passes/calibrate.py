@@ -32,6 +32,7 @@ from segquant_fx.capture import normalize_example
 from segquant_fx.errors import CalibrationError, CaptureError, SegQuantError
 from segquant_fx.passes.annotate import LinearAnnotation, annotations
 from segquant_fx.passes.observers import ChannelMinMaxObserver, LinearInputObserver, ObserverNeeds
+from segquant_fx.quantized import same_constant
 
 __all__ = ["CalibrationInterpreter", "calibrate", "flatten_inputs", "bind_inputs", "observer_needs"]
 
@@ -195,19 +196,13 @@ def bind_inputs(signature: inspect.Signature | None, item: Any, defaults: dict[s
     except TypeError as e:
         raise CalibrationError(f"calibration item does not fit forward({', '.join(params)}): {e}") from None
     for k, v in bound.arguments.items():
-        if k in defaults and not _same_constant(v, defaults[k]):
+        if k in defaults and not same_constant(v, defaults[k]):
             raise CalibrationError(
                 f"calibration item sets {k}={v!r}, but the model was captured with {k}={defaults[k]!r}: non-tensor "
                 "arguments are constants of the captured graph; calibrate with the value you will run with"
             )
     return {**defaults, **bound.arguments}
 
-
-def _same_constant(a: Any, b: Any) -> bool:
-    try:
-        return bool(a == b) or (a is None and b is None)
-    except Exception:  # noqa: BLE001 - incomparable values differ
-        return False
 
 
 def flatten_inputs(gm: fx.GraphModule, kwargs: dict[str, Any]) -> list[Any]:
