@@ -17,6 +17,7 @@ __all__ = [
     "KernelUnavailableError",
     "SerializationError",
     "PassError",
+    "DatasetError",
 ]
 
 
@@ -58,3 +59,7 @@ class KernelUnavailableError(SegQuantError):
 
 class SerializationError(SegQuantError):
     """A saved quantized model is missing, truncated, edited or from an incompatible version."""
+
+
+class DatasetError(SegQuantError):
+    """A dataset or prompt file is missing, malformed, or was prepared with other settings."""
