@@ -13,6 +13,9 @@ Commands:
 * ``export-onnx --model NAME|path/to/file.py:factory [--preset w8a8] [--format qdq|segquant] --out FILE``:
   quantize a model (built-ins calibrate on ``calibration_items``) and export it to ONNX
   (see :mod:`segquant_fx.export.onnx`).
+* ``dataset prepare --dataset coco|mjhq|dci --src DIR --out DIR [--control canny] [--sample-size N]
+  [--per-category] [--blur K] [--seed S]``: sample a local dataset copy into the unified prompt/image/control
+  format (see :mod:`segquant_fx.datasets`).
 """
 
 from __future__ import annotations
@@ -186,6 +189,10 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--batch-size", type=int, default=2)
     e.add_argument("--quiet", action="store_true", help="no progress bars")
     e.set_defaults(func=_cmd_export_onnx)
+
+    from segquant_fx.datasets.cli import add_dataset_parser
+
+    add_dataset_parser(sub)
     return parser
 
 

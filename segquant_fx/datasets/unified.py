@@ -11,7 +11,8 @@ A prepared dataset is a directory::
 
 ``metadata.json`` is a JSON list, the same format as the SegQuant reference's ``CaptionControlDataset``.
 ``image`` and ``control`` are paths relative to the directory (absolute paths are accepted too); either
-may be ``null`` for a prompt-only dataset. ``id`` is a string unique within the file.
+may be ``null`` for a prompt-only dataset. ``id`` is a string unique within the file. An optional
+``category`` (MJHQ-30K) is kept; other extra fields are ignored.
 """
 
 from __future__ import annotations
@@ -41,16 +42,21 @@ class DatasetEntry:
         prompt: The text prompt.
         image: Path of the image relative to the dataset directory, or ``None``.
         control: Path of the control map relative to the dataset directory, or ``None``.
+        category: The source category (MJHQ-30K), or ``None``; an optional extra field.
     """
 
     id: str
     prompt: str
     image: str | None = None
     control: str | None = None
+    category: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        """The ``metadata.json`` object of this entry."""
-        return asdict(self)
+        """The ``metadata.json`` object of this entry (``category`` only when set)."""
+        d = asdict(self)
+        if d["category"] is None:
+            del d["category"]
+        return d
 
     @classmethod
     def from_dict(cls, obj: Any, where: str) -> DatasetEntry:
@@ -77,10 +83,10 @@ class DatasetEntry:
         if not isinstance(prompt, str) or not prompt.strip():
             raise DatasetError(f"{where}: 'prompt' must be a non-empty string, got {prompt!r}")
         paths = {}
-        for key in ("image", "control"):
+        for key in ("image", "control", "category"):
             v = obj.get(key)
             if v is not None and (not isinstance(v, str) or not v):
-                raise DatasetError(f"{where}: {key!r} must be a path string or null, got {v!r}")
+                raise DatasetError(f"{where}: {key!r} must be a non-empty string or null, got {v!r}")
             paths[key] = v
         return cls(id=str(ident), prompt=prompt, **paths)
 
