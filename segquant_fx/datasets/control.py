@@ -39,6 +39,7 @@ __all__ = [
     "CONTROL_MAKERS",
     "register_control",
     "make_control",
+    "check_control",
     "canny_edges",
 ]
 
@@ -82,15 +83,23 @@ def make_control(name: str, **kwargs: Any) -> ControlMapMaker:
     factory = CONTROL_MAKERS.get(name)
     if factory is None:
         raise ConfigError(f"unknown control map {name!r}; registered: {sorted(CONTROL_MAKERS)}")
-    maker = factory(**kwargs)
+    return check_control(factory(**kwargs), f"control map {name!r}")
+
+
+def check_control(maker: Any, what: str = "control map maker") -> ControlMapMaker:
+    """Return ``maker`` if it is a :class:`ControlMapMaker` with JSON-serializable settings.
+
+    Raises:
+        ConfigError: Otherwise, naming ``what``.
+    """
     if not isinstance(maker, ControlMapMaker):
         raise ConfigError(
-            f"control map factory {name!r} returned {type(maker).__name__}, not a ControlMapMaker"
+            f"{what}: got a {type(maker).__name__}, not a ControlMapMaker (an object with __call__(image) and settings())"
         )
     try:
         json.dumps(maker.settings())
     except TypeError as e:
-        raise ConfigError(f"control map {name!r}: settings() must be JSON-serializable ({e})") from e
+        raise ConfigError(f"{what}: settings() must be JSON-serializable ({e})") from e
     return maker
 
 

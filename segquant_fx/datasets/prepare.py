@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from segquant_fx.datasets._io import atomic_write_bytes, atomic_write_json, read_json
-from segquant_fx.datasets.control import ControlMapMaker, make_control
+from segquant_fx.datasets.control import ControlMapMaker, check_control, make_control
 from segquant_fx.datasets.sources import SourceRecord, get_source
 from segquant_fx.datasets.unified import METADATA_FILE, DatasetEntry, write_metadata
 from segquant_fx.errors import ConfigError, DatasetError
@@ -240,7 +240,7 @@ def prepare_dataset(
             raise ConfigError("control_options given without a control map")
         maker = None
     else:
-        maker = control
+        maker = check_control(control, "control")
     if sample_size is not None and (
         isinstance(sample_size, bool) or not isinstance(sample_size, int) or sample_size < 1
     ):
@@ -268,6 +268,13 @@ def prepare_dataset(
         root = work
     # sample (and so validate the source) before writing anything
     records = loader.sample(sample_size, seed=seed, per_category=per_category)
+    stems: dict[str, str] = {}
+    for r in records:
+        prev = stems.setdefault(_file_stem(r.id), r.id)
+        if prev != r.id:
+            raise DatasetError(
+                f"items {prev!r} and {r.id!r} map to the same file name; rename one in the source"
+            )
     root.mkdir(parents=True, exist_ok=True)
     if root == work:
         atomic_write_json(
@@ -283,13 +290,6 @@ def prepare_dataset(
     if maker is not None:
         (root / "control").mkdir(exist_ok=True)
 
-    stems: dict[str, str] = {}
-    for r in records:
-        prev = stems.setdefault(_file_stem(r.id), r.id)
-        if prev != r.id:
-            raise DatasetError(
-                f"items {prev!r} and {r.id!r} map to the same file name; rename one in the source"
-            )
     item = _ItemMaker(root, maker)
     pending = [r for r in records if not item.done(r)]
     reused = len(records) - len(pending)

@@ -122,7 +122,7 @@ def test_custom_control_maker():
         out = m(Image.fromarray(rect_image(box=BOX)))
         assert np.asarray(out)[0, 0] == 255 and np.asarray(out)[BOX[0] + 1, BOX[1] + 1] == 0
         register_control("test-bad")(lambda: object())
-        with pytest.raises(ConfigError, match="returned object, not a ControlMapMaker"):
+        with pytest.raises(ConfigError, match=r"control map .test-bad.: got a object, not a ControlMapMaker"):
             make_control("test-bad")
     finally:
         CONTROL_MAKERS.pop("test-invert", None)

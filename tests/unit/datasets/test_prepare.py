@@ -187,3 +187,20 @@ def test_control_maker_must_keep_size(coco_src, tmp_path):
 
     with pytest.raises(DatasetError, match=r"maker 'shrink' returned size \(8, 8\) for the \(40, 32\) image"):
         _prep(coco_src, tmp_path / "out", sample_size=1, control=Shrink())
+
+
+def test_control_object_is_checked(coco_src, tmp_path):
+    """A maker object without settings(), or with settings that JSON cannot store, is a ConfigError."""
+    with pytest.raises(ConfigError, match=r"control: got a function, not a ControlMapMaker"):
+        _prep(coco_src, tmp_path / "out", control=lambda im: im)
+
+    class Opaque:
+        def __call__(self, image):
+            return image
+
+        def settings(self):
+            return {"model": object()}
+
+    with pytest.raises(ConfigError, match="settings\\(\\) must be JSON-serializable"):
+        _prep(coco_src, tmp_path / "out", control=Opaque())
+    assert not (tmp_path / "out").exists()
