@@ -130,3 +130,13 @@ def test_metadata_errors(tmp_path):
 
 def test_dataset_error_is_a_segquant_error():
     assert issubclass(DatasetError, SegQuantError)
+
+
+def test_docstring_examples():
+    import doctest
+
+    from segquant_fx.datasets import prompts, sampling
+
+    for mod in (prompts, sampling):
+        failed, attempted = doctest.testmod(mod)
+        assert attempted > 0 and failed == 0
