@@ -16,11 +16,15 @@ sq_linear_int8      static per-tensor ``segquant::quantize`` (bf16 -> int8) + ``
                     quantized linear
 sq_linear_fp8       the same with fp8 e4m3
 seg24_linear_int8   input-segmented (24 heads): per-segment quantize + qlinear with 24 x_segments
-dual_linear_int8    DualScale: ``quantize_dual`` + ``qlinear(dual=True)``
+                    (``sq_gemm_segmented``; the reference GEMM, labelled ``fallback``, where it cannot run)
+seg24_linear_fp8    the same with fp8 e4m3
+dual_linear_int8    DualScale: ``quantize_dual`` + ``qlinear(dual=True)`` (``sq_gemm_segmented``, 2 halves)
+dual_linear_fp8     the same with fp8 e4m3
 =================== ================================================================================
 
-The last two currently fall back to the pure-PyTorch reference GEMM (the library has no segmented
-or DualScale GEMM yet); they are reported, labelled ``fallback``, so the gap is visible.
+The summary also gives the segment and DualScale costs: ``seg24 / q+sq`` and ``dual / q+sq`` are the
+times of the segmented and DualScale linears over the plain static quantized linear of the same type
+(targets: <= 1.1 for segments; DualScale <= 2.0 at large M and <= 1.15 at M <= 16).
 
 Columns: median time (us), TFLOP/s (2 M N K / t), % of 1979 TFLOP/s (H100 SXM dense 8-bit peak;
 bf16 dense peak is 989), speedup vs bf16_linear, and vs the PyTorch 8-bit baseline of the same
@@ -83,13 +87,17 @@ VARIANTS = (
     "sq_linear_int8",
     "sq_linear_fp8",
     "seg24_linear_int8",
+    "seg24_linear_fp8",
     "dual_linear_int8",
+    "dual_linear_fp8",
 )
 BASELINE_8BIT = {
     "sq_gemm_int8": "int_mm",
     "sq_linear_int8": "int_mm",
     "seg24_linear_int8": "int_mm",
     "dual_linear_int8": "int_mm",
+    "seg24_linear_fp8": "scaled_mm_fp8",
+    "dual_linear_fp8": "scaled_mm_fp8",
     "sq_gemm_fp8": "scaled_mm_fp8",
     "sq_linear_fp8": "scaled_mm_fp8",
 }
@@ -120,7 +128,9 @@ class Result:
 # --------------------------------------------------------------------------------------------------
 
 
-def _graph_bench(one: Callable[[dict], Any], sets: list[dict], warmup_ms: float, rep_ms: float) -> float | None:
+def _graph_bench(
+    one: Callable[[dict], Any], sets: list[dict], warmup_ms: float, rep_ms: float
+) -> float | None:
     """Median milliseconds per call of ``one`` over ``sets``, from replays of one CUDA graph.
 
     The graph holds one call per rotated input set, so a replay measures GPU time of back-to-back
@@ -257,8 +267,11 @@ def _make_sets(m: int, k: int, n: int, n_sets: int, seed: int) -> list[dict[str,
                 "xs8_t": scale_from_amax(amax, "int8").reshape(1),
                 "xsf8_t": scale_from_amax(amax, "fp8_e4m3").reshape(1),
                 "xs8_seg": scale_from_amax(seg_amax, "int8"),
+                "xsf8_seg": scale_from_amax(seg_amax, "fp8_e4m3"),
                 "xs_pos": (pos.clamp(min=2.0**-24) / 127).reshape(1),
                 "xs_neg": (neg.clamp(min=2.0**-24) / 128).reshape(1),
+                "xsf8_pos": (pos.clamp(min=2.0**-24) / 448).reshape(1),
+                "xsf8_neg": (neg.clamp(min=2.0**-24) / 448).reshape(1),
             }
         )
     return sets
@@ -326,26 +339,19 @@ def _variant_fn(name: str, rot: Rotation, k: int) -> tuple[Callable[[], Any], Ca
                 False,
                 torch.bfloat16,
             )
-        if name == "seg24_linear_int8":
-            q = ops.quantize(s["x"], s["xs8_seg"], heads, "int8", None)
+        if name.startswith("seg24_linear"):
+            qt, f = ("int8", "8") if name.endswith("int8") else ("fp8_e4m3", "f8")
+            xs = s[f"xs{f}_seg"]
+            q = ops.quantize(s["x"], xs, heads, qt, None)
             return ops.qlinear(
-                q,
-                s["xs8_seg"],
-                heads,
-                "int8",
-                s["qw8"],
-                s["ws8"],
-                [],
-                "int8",
-                s["bias"],
-                False,
-                torch.bfloat16,
+                q, xs, heads, qt, s[f"qw{f}"], s[f"ws{f}"], [], qt, s["bias"], False, torch.bfloat16
             )
-        if name == "dual_linear_int8":
-            q = ops.quantize_dual(s["x"], s["xs_pos"], s["xs_neg"], [], "int8", None)
-            xs = torch.cat([s["xs_pos"], s["xs_neg"]])
+        if name.startswith("dual_linear"):
+            qt, f, p = ("int8", "8", "xs") if name.endswith("int8") else ("fp8_e4m3", "f8", "xsf8")
+            q = ops.quantize_dual(s["x"], s[f"{p}_pos"], s[f"{p}_neg"], [], qt, None)
+            xs = torch.cat([s[f"{p}_pos"], s[f"{p}_neg"]])
             return ops.qlinear(
-                q, xs, [], "int8", s["qw8"], s["ws8"], [], "int8", s["bias"], True, torch.bfloat16
+                q, xs, [], qt, s[f"qw{f}"], s[f"ws{f}"], [], qt, s["bias"], True, torch.bfloat16
             )
         raise ValueError(name)
 
@@ -380,7 +386,7 @@ def _path_of(name: str, m: int, k: int, n: int) -> tuple[str, str]:
     spec = R.infer_qlinear(
         qx, xs, segs, qtype, qw, torch.empty(n, 1, device=dev), [], qtype, None, dual, torch.bfloat16
     )
-    reason = ck.qlinear_unsupported_reason(spec, torch.empty(1, device="cuda"), torch.bfloat16)
+    reason = ck.qlinear_unsupported_reason(spec, torch.empty(1, device="cuda"), torch.bfloat16, xs)
     if reason is not None:
         return "fallback", f"qlinear falls back: {reason}"
     return "cuda", ""
@@ -493,14 +499,25 @@ def summary(results: list[Result]) -> str:
         "sq_gemm_fp8": "sq f8",
         "sq_linear_int8": "q+sq i8",
         "sq_linear_fp8": "q+sq f8",
-        "seg24_linear_int8": "seg24*",
-        "dual_linear_int8": "dual*",
+        "seg24_linear_int8": "seg24 i8",
+        "seg24_linear_fp8": "seg24 f8",
+        "dual_linear_int8": "dual i8",
+        "dual_linear_fp8": "dual f8",
     }
     head = (
-        "| M | K | N | " + " | ".join(short[c] + " us" for c in cols)
-        + " | sq i8 x bf16 | sq f8 x bf16 | q+sq i8 x bf16 | sq i8 eager us |"
+        "| M | K | N | "
+        + " | ".join(short[c] + " us" for c in cols)
+        + " | sq i8 x bf16 | sq f8 x bf16 | q+sq i8 x bf16 | seg24/q+sq i8 | dual/q+sq i8 | seg24/q+sq f8 "
+        "| dual/q+sq f8 | sq i8 eager us |"
     )
-    lines = [head, "|" + "---:|" * (3 + len(cols) + 4)]
+    lines = [head, "|" + "---:|" * (3 + len(cols) + 8)]
+
+    def ratio(d: dict[str, Result], a: str, b: str) -> float | None:
+        ra, rb = d.get(a), d.get(b)
+        if ra is None or rb is None or not ra.us or not rb.us or ra.path == "fallback":
+            return None
+        return ra.us / rb.us
+
     for (m, k, n), d in by_shape.items():
         cells = [_f(d[c].us, ".1f") if c in d else "" for c in cols]
         i8 = d.get("sq_gemm_int8")
@@ -509,11 +526,16 @@ def summary(results: list[Result]) -> str:
         lines.append(
             f"| {m} | {k} | {n} | " + " | ".join(cells) + f" | {_f(i8.vs_bf16 if i8 else None, '.2f')} | "
             f"{_f(f8.vs_bf16 if f8 else None, '.2f')} | {_f(q8.vs_bf16 if q8 else None, '.2f')} | "
+            f"{_f(ratio(d, 'seg24_linear_int8', 'sq_linear_int8'), '.2f')} | "
+            f"{_f(ratio(d, 'dual_linear_int8', 'sq_linear_int8'), '.2f')} | "
+            f"{_f(ratio(d, 'seg24_linear_fp8', 'sq_linear_fp8'), '.2f')} | "
+            f"{_f(ratio(d, 'dual_linear_fp8', 'sq_linear_fp8'), '.2f')} | "
             f"{_f(i8.eager_us if i8 else None, '.1f')} |"
         )
     lines.append(
         "(us = median microseconds per call from CUDA-graph replays over rotated inputs (GPU time), for every "
-        "variant that captures; * = reference fallback, timed eagerly; 'eager us' = per-call time of eager calls, "
+        "variant that captures; reference fallbacks are timed eagerly and have no ratio; 'eager us' = per-call "
+        "time of eager calls, "
         "Python and launch overhead included)"
     )
     return "\n".join(lines)

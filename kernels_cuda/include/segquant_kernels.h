@@ -85,6 +85,23 @@ sq_status sq_gemm(const void* A, const void* B, sq_dtype ab_dtype, void* D, sq_d
                   int64_t N, int64_t K, const float* row_scale, const float* col_scale, const void* bias,
                   void* workspace, size_t workspace_size, void* stream);
 
+/* Segmented / DualScale GEMM (sm_90a):
+ * D[m, n] = row_scale[m] * col_scale[n] * sum_h sum_s seg_scale[h * segs.n + s] *
+ *           sum_{k in segment s} A[m, h * K + k] * B[n, k]  + bias[n]
+ * A: [M, halves * K] row-major (halves = 2: DualScale, A = [Q+ | Q-] from sq_quantize_dual; both halves
+ * multiply the same B, which streams from memory once); B: [N, K] row-major; D: [M, N] row-major bf16/fp16.
+ * segs: segments of K (each half); every boundary and K must be multiples of 64, N of 8 (else
+ * SQ_ERR_UNSUPPORTED). seg_scale: [halves * segs.n] float32 (per segment activation scales: one per
+ * segment of each half); row_scale: [M] float32 or NULL (= 1); col_scale: [N] float32; bias: [N] of
+ * out_dtype or NULL. int8: exact int32 accumulation within a segment, float across segments; fp8: float,
+ * promoted every segment and every 128 K. Available when the symbol exists (library built with it). */
+size_t sq_gemm_segmented_workspace_size(sq_dtype ab_dtype, sq_dtype out_dtype, int64_t M, int64_t N, int64_t K,
+                                        int32_t halves);
+sq_status sq_gemm_segmented(const void* A, const void* B, sq_dtype ab_dtype, void* D, sq_dtype out_dtype,
+                            int64_t M, int64_t N, int64_t K, int32_t halves, sq_segments segs,
+                            const float* seg_scale, const float* row_scale, const float* col_scale,
+                            const void* bias, void* workspace, size_t workspace_size, void* stream);
+
 #ifdef __cplusplus
 }
 #endif

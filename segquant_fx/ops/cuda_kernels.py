@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import dataclasses
 import functools
 import math
 import os
@@ -63,6 +64,10 @@ __all__ = [
     "quantize_dynamic_out",
     "quantize_dual_out",
     "qlinear_out",
+    "qlinear_route",
+    "GemmRoute",
+    "has_segmented_gemm",
+    "SEG_TILE_K",
     "qlinear_unsupported_reason",
     "quantize_unsupported_reason",
 ]
@@ -109,6 +114,7 @@ _lib: ctypes.CDLL | None = None
 _lib_path: Path | None = None
 _reason: str | None = None
 _has_gemm = False
+_has_seg_gemm = False
 
 
 def _repo_root() -> Path:
@@ -178,11 +184,34 @@ def _declare(lib: ctypes.CDLL) -> None:
             c_sz,
             c_vp,
         ]
+    if hasattr(lib, "sq_gemm_segmented") and hasattr(lib, "sq_gemm_segmented_workspace_size"):
+        lib.sq_gemm_segmented_workspace_size.restype = c_sz
+        lib.sq_gemm_segmented_workspace_size.argtypes = [c_int, c_int, c_i64, c_i64, c_i64, ctypes.c_int32]
+        lib.sq_gemm_segmented.restype = c_int
+        lib.sq_gemm_segmented.argtypes = [
+            c_vp,  # A
+            c_vp,  # B
+            c_int,  # ab_dtype
+            c_vp,  # D
+            c_int,  # out_dtype
+            c_i64,  # M
+            c_i64,  # N
+            c_i64,  # K
+            ctypes.c_int32,  # halves
+            SqSegments,  # segs
+            c_vp,  # seg_scale
+            c_vp,  # row_scale
+            c_vp,  # col_scale
+            c_vp,  # bias
+            c_vp,  # workspace
+            c_sz,  # workspace_size
+            c_vp,  # stream
+        ]
 
 
 def _load() -> None:
-    global _lib, _lib_path, _reason, _has_gemm
-    _lib, _lib_path, _has_gemm = None, None, False
+    global _lib, _lib_path, _reason, _has_gemm, _has_seg_gemm
+    _lib, _lib_path, _has_gemm, _has_seg_gemm = None, None, False, False
     errors: list[str] = []
     for path in candidate_paths():
         if not path.is_file():
@@ -209,6 +238,7 @@ def _load() -> None:
         _declare(lib)
         _lib, _lib_path = lib, path
         _has_gemm = hasattr(lib, "sq_gemm")
+        _has_seg_gemm = hasattr(lib, "sq_gemm_segmented")
         _reason = None
         return
     _reason = (
@@ -241,6 +271,11 @@ def unavailable_reason() -> str | None:
 def has_gemm() -> bool:
     """Whether the loaded library has ``sq_gemm`` (the qlinear kernel)."""
     return _lib is not None and _has_gemm
+
+
+def has_segmented_gemm() -> bool:
+    """Whether the loaded library has ``sq_gemm_segmented`` (input-segmented and DualScale qlinear)."""
+    return _lib is not None and _has_seg_gemm
 
 
 # --------------------------------------------------------------------------------------------------
@@ -528,43 +563,110 @@ def _quantize_dual_impl(
 # --------------------------------------------------------------------------------------------------
 
 
-def qlinear_unsupported_reason(
-    spec: _ref.QLinearSpec, qx: torch.Tensor, out_dtype: torch.dtype
-) -> str | None:
-    """Why ``sq_gemm`` cannot run a validated ``qlinear`` call (None when it can).
+#: Segment boundaries (and K) of ``sq_gemm_segmented`` must be multiples of this (its tile K).
+SEG_TILE_K = 64
+
+
+@dataclasses.dataclass(frozen=True)
+class GemmRoute:
+    """How a supported ``qlinear`` call runs on the library.
+
+    Attributes:
+        kind: ``"plain"`` (``sq_gemm``: per-token x per-channel scales) or ``"segmented"``
+            (``sq_gemm_segmented``: per-segment activation scales along K, DualScale halves).
+        halves: 2 for DualScale, else 1.
+        segments: Activation segment sizes of one half (``segmented`` only).
+        row_scale: Whether the activation scale varies per token (goes to the epilogue's row scale).
+    """
+
+    kind: str
+    halves: int
+    segments: tuple[int, ...]
+    row_scale: bool
+
+
+def _scale_variation(x_scale: torch.Tensor | None) -> tuple[bool, bool]:
+    """(varies per token, varies per segment) of an activation scale broadcastable to ``[*lead, nseg]``."""
+    if x_scale is None or x_scale.dim() == 0:
+        return False, False
+    return math.prod(x_scale.shape[:-1]) > 1, x_scale.shape[-1] > 1
+
+
+def qlinear_route(
+    spec: _ref.QLinearSpec, qx: torch.Tensor, out_dtype: torch.dtype, x_scale: torch.Tensor | None = None
+) -> tuple[GemmRoute | None, str | None]:
+    """Which library GEMM runs a validated ``qlinear`` call, or why none can.
 
     Args:
         spec: ``reference.infer_qlinear(...)`` of the call.
         qx: The activation (for its device).
         out_dtype: The requested output dtype.
+        x_scale: The activation scale (decides per-token vs per-segment); None = per tensor.
+
+    Returns:
+        ``(route, None)`` when a kernel covers the call, else ``(None, reason)``.
     """
     if not has_gemm():
-        return "the kernel library was built without sq_gemm"
+        return None, "the kernel library was built without sq_gemm"
     if spec.x_info is None:
-        return "weight-only (x_qtype='none') has no CUDA kernel"
-    if spec.halves != 1:
-        return "DualScale (dual=True) has no CUDA GEMM yet"
+        return None, "weight-only (x_qtype='none') has no CUDA kernel"
     if spec.x_info.name != spec.w_info.name or spec.x_info.name not in ("int8", "fp8_e4m3"):
-        return f"x_qtype={spec.x_info.name!r} x w_qtype={spec.w_info.name!r} (the GEMM does int8 x int8, fp8 x fp8)"
-    if len(spec.x_sizes) != 1 or len(spec.w_sizes) != 1:
-        return (
-            "segmented scales (x_segments / w_segments with more than one segment; the GEMM takes a "
-            "per-token x per-channel scale)"
+        return None, (
+            f"x_qtype={spec.x_info.name!r} x w_qtype={spec.w_info.name!r} (the GEMM does int8 x int8, fp8 x fp8)"
         )
-    if spec.k % 16 != 0:
-        return f"K = {spec.k} is not a multiple of 16"
+    if len(spec.w_sizes) != 1:
+        return None, "weight segments along K (group-wise weight scales; the GEMM takes a per-channel scale)"
     if spec.n % 8 != 0:
-        return f"N = {spec.n} is not a multiple of 8"
-    if out_dtype not in _OUT_DTYPES:
-        return f"out_dtype {out_dtype}"
+        return None, f"N = {spec.n} is not a multiple of 8"
+    if out_dtype not in (torch.bfloat16, torch.float16):
+        return None, f"out_dtype {out_dtype} (the GEMMs write bfloat16 / float16)"
     if qx.device.type != "cuda":
-        return f"qx is on {qx.device}"
+        return None, f"qx is on {qx.device}"
     cap = _capability(qx.device.index if qx.device.index is not None else torch.cuda.current_device())
     if cap != (9, 0):
-        return f"the GEMM is built for sm_90a (Hopper); this device is sm_{cap[0]}{cap[1]}"
-    if spec.k >= 2**31 or spec.n >= 2**31 or math.prod(spec.lead) >= 2**31:
-        return "a dimension >= 2^31"
-    return None
+        return None, f"the GEMM is built for sm_90a (Hopper); this device is sm_{cap[0]}{cap[1]}"
+    if spec.k * spec.halves >= 2**31 or spec.n >= 2**31 or math.prod(spec.lead) >= 2**31:
+        return None, "a dimension >= 2^31"
+    per_token, per_segment = _scale_variation(x_scale)
+    segments = tuple(spec.x_sizes) if spec.x_sizes else (spec.k,)
+    if spec.halves == 1 and (len(segments) == 1 or not per_segment):
+        if spec.k % 16 != 0:
+            return None, f"K = {spec.k} is not a multiple of 16"
+        return GemmRoute("plain", 1, (spec.k,), per_token), None
+    what = "DualScale" if spec.halves == 2 else f"{len(segments)} input segments"
+    if per_token and per_segment:
+        return None, (
+            f"{what} with per-token x per-segment activation scales (dynamic segmented); the GEMMs take "
+            "per-segment or per-token activation scales"
+        )
+    if not has_segmented_gemm():
+        return None, f"{what}: the kernel library was built without sq_gemm_segmented"
+    if len(segments) > MAX_SEGMENTS:
+        return None, f"{what}: {len(segments)} segments > {MAX_SEGMENTS}"
+    bounds = segment_offsets(segments)[1:]
+    if any(b % SEG_TILE_K for b in bounds):
+        return None, (
+            f"{what}: segment boundaries {list(bounds)} are not all multiples of {SEG_TILE_K} "
+            "(the segmented GEMM's tile K)"
+        )
+    return GemmRoute("segmented", spec.halves, segments, per_token), None
+
+
+def qlinear_unsupported_reason(
+    spec: _ref.QLinearSpec, qx: torch.Tensor, out_dtype: torch.dtype, x_scale: torch.Tensor | None = None
+) -> str | None:
+    """Why no library GEMM can run a validated ``qlinear`` call (None when one can; see :func:`qlinear_route`)."""
+    return qlinear_route(spec, qx, out_dtype, x_scale)[1]
+
+
+_ONES: dict[tuple[torch.device, int], torch.Tensor] = {}
+
+
+def _ones(n: int, device: torch.device) -> torch.Tensor:
+    t = _ONES.get((device, n))
+    if t is None:
+        t = _ONES[(device, n)] = torch.ones(n, dtype=torch.float32, device=device)
+    return t
 
 
 def qlinear_out(
@@ -576,18 +678,22 @@ def qlinear_out(
     bias: torch.Tensor | None,
     spec: _ref.QLinearSpec,
 ) -> int:
-    """Run ``sq_gemm`` into ``out`` (contiguous ``[*lead, N]``); no fallback.
+    """Run ``sq_gemm`` or ``sq_gemm_segmented`` into ``out`` (contiguous ``[*lead, N]``); no fallback.
 
-    ``spec`` is ``reference.infer_qlinear(...)``; :func:`qlinear_unsupported_reason` must be None.
+    ``spec`` is ``reference.infer_qlinear(...)``; :func:`qlinear_route` must give a route.
 
     Returns:
         The ``sq_status`` (``SQ_OK``, or ``SQ_ERR_UNSUPPORTED`` / ``SQ_ERR_ARCH`` when the library
         declines the case and the caller should fall back).
 
     Raises:
-        KernelLaunchError: the library is missing, or ``sq_gemm`` returned another error.
+        KernelLaunchError: the library is missing, the call has no route, or the library returned
+            another error.
     """
     lib = _require_lib("qlinear")
+    route, reason = qlinear_route(spec, qx, out.dtype, x_scale)
+    if route is None:
+        raise KernelLaunchError(f"segquant::qlinear: no CUDA GEMM for this call: {reason}")
     m, n, k = math.prod(spec.lead), spec.n, spec.k
     if m == 0:
         return SQ_OK
@@ -595,32 +701,41 @@ def qlinear_out(
     assert spec.x_info is not None
     ab = _Q_DTYPES[spec.x_info.name]
     od = _OUT_DTYPES[out.dtype]
-    a = _aligned(qx.reshape(m, k))
+    a = _aligned(qx.reshape(m, k * spec.halves))
     b = _aligned(qw)
-    row_scale = _aligned(
-        torch.broadcast_to(x_scale.to(device=dev, dtype=torch.float32), (*spec.lead, 1)).reshape(m)
-    )
+    xs = x_scale.to(device=dev, dtype=torch.float32)
     col_scale = _aligned(torch.broadcast_to(w_scale.to(device=dev, dtype=torch.float32), (n, 1)).reshape(n))
     bias_t = _aligned(bias.to(device=dev, dtype=out.dtype)) if bias is not None else None
-    ws_size = int(lib.sq_gemm_workspace_size(ab, od, m, n, k))
-    workspace = torch.empty(ws_size, dtype=torch.uint8, device=dev) if ws_size else None
-    with _device_guard(dev):
-        status = lib.sq_gemm(
-            a.data_ptr(),
-            b.data_ptr(),
-            ab,
-            out.data_ptr(),
-            od,
-            m,
-            n,
-            k,
-            row_scale.data_ptr(),
-            col_scale.data_ptr(),
-            bias_t.data_ptr() if bias_t is not None else None,
-            workspace.data_ptr() if workspace is not None else None,
-            ws_size,
-            _stream(dev),
-        )
+    bias_p = bias_t.data_ptr() if bias_t is not None else None
+    stream = _stream(dev)
+    if route.kind == "plain":
+        row_scale = _aligned(torch.broadcast_to(xs, (*spec.lead, 1)).reshape(m))
+        ws_size = int(lib.sq_gemm_workspace_size(ab, od, m, n, k))
+        workspace = torch.empty(ws_size, dtype=torch.uint8, device=dev) if ws_size else None
+        with _device_guard(dev):
+            status = lib.sq_gemm(
+                a.data_ptr(), b.data_ptr(), ab, out.data_ptr(), od, m, n, k,
+                row_scale.data_ptr(), col_scale.data_ptr(), bias_p,
+                workspace.data_ptr() if workspace is not None else None, ws_size, stream,
+            )  # fmt: skip
+    else:
+        nvals = route.halves * len(route.segments)
+        if route.row_scale:  # per token only: the segments share it
+            row_scale = _aligned(torch.broadcast_to(xs, (*spec.lead, nvals))[..., 0].reshape(m))
+            seg_scale = _ones(nvals, dev)
+        else:
+            row_scale = None
+            flat = xs.reshape(-1)
+            seg_scale = _aligned(flat.expand(nvals) if flat.numel() == 1 else flat)
+        ws_size = int(lib.sq_gemm_segmented_workspace_size(ab, od, m, n, k, route.halves))
+        workspace = torch.empty(ws_size, dtype=torch.uint8, device=dev) if ws_size else None
+        with _device_guard(dev):
+            status = lib.sq_gemm_segmented(
+                a.data_ptr(), b.data_ptr(), ab, out.data_ptr(), od, m, n, k, route.halves,
+                _segments_struct(route.segments), seg_scale.data_ptr(),
+                row_scale.data_ptr() if row_scale is not None else None, col_scale.data_ptr(), bias_p,
+                workspace.data_ptr() if workspace is not None else None, ws_size, stream,
+            )  # fmt: skip
     if status in (SQ_ERR_UNSUPPORTED, SQ_ERR_ARCH):
         return status
     _check(status, "qlinear")
@@ -642,7 +757,7 @@ def _qlinear_impl(
 ) -> torch.Tensor:
     args = (qx, x_scale, x_segments, x_qtype, qw, w_scale, w_segments, w_qtype, bias, dual, out_dtype)
     spec = _ref.infer_qlinear(*args)
-    reason = qlinear_unsupported_reason(spec, qx, out_dtype)
+    reason = qlinear_unsupported_reason(spec, qx, out_dtype, x_scale)
     if reason is None:
         out = torch.empty(spec.out_shape, dtype=out_dtype, device=qx.device)
         status = qlinear_out(out, qx, x_scale, qw, w_scale, bias, spec)
@@ -651,7 +766,7 @@ def _qlinear_impl(
         assert spec.x_info is not None
         assert _lib is not None
         reason = (
-            f"sq_gemm returned {_text(_lib.sq_status_string(status))} for {spec.x_info.name} -> {out_dtype} "
+            f"the GEMM returned {_text(_lib.sq_status_string(status))} for {spec.x_info.name} -> {out_dtype} "
             f"(M={math.prod(spec.lead)}, N={spec.n}, K={spec.k})"
         )
         _warn_fallback(

@@ -131,17 +131,6 @@ def _fallbacks(record):
     return [str(w.message) for w in record if "does not cover this case" in str(w.message)]
 
 
-def _dual_args(g):
-    x = rand_x((7, 64), torch.float32, g)
-    sp = scale_from_amax(x.clamp(min=0).amax(), "int8").reshape(1)
-    sn = (x.clamp(max=0).amin().abs().clamp(min=2.0**-24) / 128).reshape(1)
-    qx = R.reference_quantize_dual(x, sp, sn, [], "int8")
-    w = torch.randn(16, 64, generator=g, device=DEV)
-    ws = scale_from_amax(w.abs().amax(-1, keepdim=True), "int8")
-    qw = R.reference_quantize(w, ws, [], "int8")
-    return (qx, torch.cat([sp, sn]), [], "int8", qw, ws, [], "int8", None, True, torch.bfloat16)
-
-
 def _segmented_args(g):
     k = 3072
     segments = [k // 24] * 24
@@ -196,13 +185,12 @@ def _odd_n_args(g):
 @pytest.mark.parametrize(
     ("make", "fragment"),
     [
-        (_dual_args, "DualScale"),
-        (_segmented_args, "segmented scales"),
-        (_fp32_out_args, "sq_gemm returned SQ_ERR_UNSUPPORTED"),
+        (_segmented_args, "per-token x per-segment"),
+        (_fp32_out_args, "out_dtype torch.float32"),
         (_int4_args, "'int4'"),
         (_odd_n_args, "N = 12 is not a multiple of 8"),
     ],
-    ids=["dual", "segmented-24-heads", "fp32-out", "int4", "odd-N"],
+    ids=["dynamic-segmented-24-heads", "fp32-out", "int4", "odd-N"],
 )
 def test_qlinear_fallback_warns_once_and_is_correct(gemm, fresh_warnings, make, fragment):
     args = make(gen(17))
