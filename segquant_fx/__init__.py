@@ -33,6 +33,15 @@ _LAZY: dict[str, str] = {
     "load": "segquant_fx.api",
     "compile": "segquant_fx.compile",
     "export_onnx": "segquant_fx.export.onnx",
+    "generate_calibrate_set": "segquant_fx.calibset",
+    "load_calibrate_set": "segquant_fx.calibset",
+    "BaseSampler": "segquant_fx.calibset",
+    "UniformSampler": "segquant_fx.calibset",
+    "QDiffusionSampler": "segquant_fx.calibset",
+    "NormalSampler": "segquant_fx.calibset",
+    "DNTCSampler": "segquant_fx.calibset",
+    "build_pipeline": "segquant_fx.models.pipeline_zoo",
+    "load_pipeline": "segquant_fx.models.pipeline_zoo",
 }
 
 __all__ = ["__version__", *_LAZY]
