@@ -4,6 +4,8 @@ Commands:
 
 * ``quantize [--model NAME] [--preset w8a8] [--calib-items N] [--out DIR]``: quantize a built-in model
   (default ``tiny-sd35``) or a user factory, print the per-layer plan and the output error vs float.
+* ``calibrate`` / ``generate``, and ``quantize --pipeline|--calib-set|--config``: the diffusion
+  workflow (see :mod:`segquant_fx.workflow_cli`).
 * ``inspect --model NAME|path/to/file.py:factory [--json] [--debug] [--batch-size N] [--patterns a,b]``:
   capture the model and print its SegQuant pattern report. ``NAME`` is a built-in config
   (``segquant-fx inspect --list``); a user factory returns ``(model, example)`` or a model, in which
@@ -172,6 +174,10 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--out", help="save the quantized model to this directory")
     q.add_argument("--quiet", action="store_true", help="no progress bars")
     q.set_defaults(func=_cmd_quantize)
+    from segquant_fx import workflow_cli  # calibrate / generate, and quantize's pipeline mode
+
+    workflow_cli.extend_quantize(q, _cmd_quantize)
+    workflow_cli.add_commands(sub)
 
     from segquant_fx.ops.build import add_arguments
 
