@@ -42,6 +42,8 @@ _LAZY: dict[str, str] = {
     "DNTCSampler": "segquant_fx.calibset",
     "build_pipeline": "segquant_fx.models.pipeline_zoo",
     "load_pipeline": "segquant_fx.models.pipeline_zoo",
+    "process_affiner": "segquant_fx.affiner",
+    "load_affiner": "segquant_fx.affiner",
 }
 
 __all__ = ["__version__", *_LAZY]
