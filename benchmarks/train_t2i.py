@@ -74,6 +74,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--pack", choices=("dir", "tar"), default="dir", help="tar: one flat tar per model (for remote runs)"
     )
     p.add_argument("--sequential", action="store_true", help="with --model all: one model after the other")
+    p.add_argument(
+        "--arch", choices=("full", "small"), default="full", help="small: reduced test variant (smoke runs)"
+    )
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads per process")
     return p
 
@@ -106,6 +109,7 @@ def _config(args: argparse.Namespace, model: str):
         eval_batch_size=args.eval_batch_size,
         grid_prompts=args.grid_prompts,
         device=args.device,
+        arch=args.arch,
     )
 
 

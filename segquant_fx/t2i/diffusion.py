@@ -270,6 +270,8 @@ def generate(
     """
     steps = model_bundle.default_steps if steps is None else steps
     guidance = model_bundle.default_guidance if guidance is None else guidance
+    if isinstance(prompts, str):
+        raise ConfigError("prompts must be a list of strings (wrap a single prompt in a list)")
     prompts, seeds = list(prompts), list(seeds)
     _check_generate_args(prompts, seeds, steps, guidance, stepper)
     if batch_size < 1:

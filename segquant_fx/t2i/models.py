@@ -30,7 +30,7 @@ import json
 import os
 import tempfile
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any
@@ -48,12 +48,14 @@ __all__ = [
     "T2IBundle",
     "SPECS",
     "get_spec",
+    "small_spec",
     "build_backbone",
     "build_bundle",
     "save_bundle",
     "load_bundle",
     "load_builtin",
     "builtin_weights_dir",
+    "WEIGHTS_ROOT",
     "pack_pixels",
     "unpack_pixels",
     "CARD_FILE",
@@ -243,6 +245,47 @@ def get_spec(name: str) -> T2IModelSpec:
     if spec is None:
         raise ConfigError(f"unknown text-to-image model {name!r}; built-in models: {', '.join(MODEL_NAMES)}")
     return spec
+
+
+# "small" variants: the same classes and features (dual attention, qk-norm, double + single blocks,
+# text_time conditioning, cross attention) at a fraction of the size, for fast CPU tests
+_SMALL_OVERRIDES: dict[str, dict[str, Any]] = {
+    "mmdit": {
+        "num_layers": 2,
+        "dual_attention_layers": (0,),
+        "attention_head_dim": 16,
+        "num_attention_heads": 2,
+        "caption_projection_dim": 32,
+    },
+    "flux": {
+        "num_layers": 1,
+        "num_single_layers": 1,
+        "attention_head_dim": 16,
+        "num_attention_heads": 2,
+        "axes_dims_rope": (4, 6, 6),
+    },
+    "unet": {
+        "block_out_channels": (16, 32),
+        "down_block_types": ("DownBlock2D", "CrossAttnDownBlock2D"),
+        "up_block_types": ("CrossAttnUpBlock2D", "UpBlock2D"),
+        "attention_head_dim": (1, 1),
+        "transformer_layers_per_block": (1, 1),
+        "norm_num_groups": 8,
+    },
+}
+
+
+def small_spec(name: str) -> T2IModelSpec:
+    """A reduced variant of model ``name`` (same diffusers class and features, ~50x fewer parameters).
+
+    For tests and pipeline smoke runs (``benchmarks/train_t2i.py --arch small``); never shipped.
+    """
+    spec = get_spec(name)
+    return replace(
+        spec,
+        config=MappingProxyType({**spec.config, **_SMALL_OVERRIDES[name]}),
+        description=f"{spec.description} (small test variant)",
+    )
 
 
 @contextlib.contextmanager
@@ -542,10 +585,14 @@ def load_bundle(
     return bundle.to(device=device).eval()
 
 
+#: Where built-in weights live (package data); tests point it elsewhere.
+WEIGHTS_ROOT = Path(__file__).resolve().parent / "weights"
+
+
 def builtin_weights_dir(name: str) -> Path:
-    """``segquant_fx/t2i/weights/<name>/`` (may not exist)."""
+    """``WEIGHTS_ROOT/<name>/``, by default ``segquant_fx/t2i/weights/<name>/`` (may not exist)."""
     get_spec(name)
-    return Path(__file__).resolve().parent / "weights" / name
+    return WEIGHTS_ROOT / name
 
 
 def load_builtin(

@@ -16,8 +16,8 @@ object count, object colors present, shape, size and position where the prompt n
 (every scored attribute of the image right). :func:`chance_adherence` scores images against the prompts
 of *other* scenes: what a model that ignores its prompt (but draws perfect images) would get.
 
-:func:`image_features` is a smooth 64-dim descriptor (soft palette occupancy per region, edge energy,
-color moments) for :func:`frechet_distance` between image sets.
+:func:`image_features` is a 64-dim descriptor (palette occupancy per region, color purity, edge energy,
+object read-out quality) for :func:`frechet_distance` between image sets.
 """
 
 from __future__ import annotations
@@ -46,6 +46,7 @@ __all__ = [
     "Readout",
     "read_attributes",
     "score_adherence",
+    "judge",
     "chance_adherence",
     "image_features",
     "frechet_distance",
@@ -156,6 +157,47 @@ def read_attributes(images: torch.Tensor, *, min_pixels: int = 12) -> Readout:
 
 
 @torch.no_grad()
+def judge(images: torch.Tensor, scenes: Scenes, *, min_pixels: int = 12) -> dict[str, torch.Tensor]:
+    """Per-image and per-object verdicts of ``images`` against ``scenes``.
+
+    Returns:
+        Boolean tensors: ``overall``, ``background``, ``count`` ``[B]``; ``color``, ``shape``, ``size``,
+        ``position`` ``[B, 2]``; and the masks they are scored on: ``objects`` (used slots),
+        ``size_named`` and ``position_named`` ``[B, 2]``.
+    """
+    x = _check_images(images)
+    if len(scenes) != x.shape[0]:
+        raise ConfigError(f"{x.shape[0]} images but {len(scenes)} scenes; pass one scene per image")
+    sc = scenes.to(x.device)
+    ro = read_attributes(x, min_pixels=min_pixels)
+    used = sc.object_mask  # [B, 2]
+    col = sc.color
+    present = ro.is_object.gather(1, col)
+    shape_ok = present & (ro.shape.gather(1, col) == sc.shape)
+    size_ok = present & (ro.size.gather(1, col) == sc.size)
+    pos_ok = present & (ro.position.gather(1, col) == sc.position)
+    bg_ok = ro.background == sc.background
+    count_ok = ro.n_objects == sc.n_objects
+    m_size = sc.mention_size & used
+    m_pos = sc.mention_position & used
+    obj_ok = present & shape_ok & (size_ok | ~m_size) & (pos_ok | ~m_pos)
+    return {
+        "overall": bg_ok & count_ok & (obj_ok | ~used).all(1),
+        "background": bg_ok,
+        "count": count_ok,
+        "color": present,
+        "shape": shape_ok,
+        "size": size_ok,
+        "position": pos_ok,
+        "objects": used,
+        "size_named": m_size,
+        "position_named": m_pos,
+    }
+
+
+_SCORED_ON = {"color": "objects", "shape": "objects", "size": "size_named", "position": "position_named"}
+
+
 def score_adherence(
     images: torch.Tensor, scenes: Scenes, *, min_pixels: int = 12, batch_size: int = 1024
 ) -> dict[str, float]:
@@ -165,7 +207,7 @@ def score_adherence(
         ``{"overall", "background", "count", "color", "shape", "size", "position", "n"}``: fractions in
         ``[0, 1]``. ``background``/``count``/``overall`` are per image; ``color`` (the object's color is
         present), ``shape``, ``size`` and ``position`` per prompted object, the last two only where the
-        prompt names them. ``overall``: every scored attribute of the image is right.
+        prompt names them. ``overall``: every scored attribute of the image is right (see :func:`judge`).
     """
     x = _check_images(images)
     if len(scenes) != x.shape[0]:
@@ -173,36 +215,12 @@ def score_adherence(
     sums = dict.fromkeys(("overall", *ATTRIBUTES), 0.0)
     counts = dict.fromkeys(("overall", *ATTRIBUTES), 0)
     for start in range(0, x.shape[0], batch_size):
-        imgs = x[start : start + batch_size]
-        sc = scenes[start : start + batch_size].to(imgs.device)
-        ro = read_attributes(imgs, min_pixels=min_pixels)
-        used = sc.object_mask  # [b, 2]
-        col = sc.color
-        present = ro.is_object.gather(1, col)
-        shape_ok = present & (ro.shape.gather(1, col) == sc.shape)
-        size_ok = present & (ro.size.gather(1, col) == sc.size)
-        pos_ok = present & (ro.position.gather(1, col) == sc.position)
-        bg_ok = ro.background == sc.background
-        count_ok = ro.n_objects == sc.n_objects
-        m_size = sc.mention_size & used
-        m_pos = sc.mention_position & used
-        obj_ok = present & shape_ok & (size_ok | ~m_size) & (pos_ok | ~m_pos)
-        overall = bg_ok & count_ok & (obj_ok | ~used).all(1)
-        for key, ok, mask in (
-            ("overall", overall, None),
-            ("background", bg_ok, None),
-            ("count", count_ok, None),
-            ("color", present, used),
-            ("shape", shape_ok, used),
-            ("size", size_ok, m_size),
-            ("position", pos_ok, m_pos),
-        ):
-            if mask is None:
-                sums[key] += float(ok.sum())
-                counts[key] += ok.numel()
-            else:
-                sums[key] += float((ok & mask).sum())
-                counts[key] += int(mask.sum())
+        v = judge(x[start : start + batch_size], scenes[start : start + batch_size], min_pixels=min_pixels)
+        for key in sums:
+            mask = v[_SCORED_ON[key]] if key in _SCORED_ON else None
+            ok = v[key] if mask is None else v[key] & mask
+            sums[key] += float(ok.sum())
+            counts[key] += ok.numel() if mask is None else int(mask.sum())
     out = {k: (sums[k] / counts[k] if counts[k] else float("nan")) for k in sums}
     out["n"] = float(x.shape[0])
     return out
@@ -228,35 +246,55 @@ def chance_adherence(scenes: Scenes, *, shift: int = 1) -> dict[str, float]:
 FEATURE_DIM = 64
 
 
+_PURITY_BINS = (0.05, 0.1, 0.2, 0.3, 0.5)
+
+
 @torch.no_grad()
 def image_features(images: torch.Tensor, *, temperature: float = 0.05) -> torch.Tensor:
-    """A smooth ``[B, 64]`` descriptor of ``images`` for :func:`frechet_distance`.
+    """A ``[B, 64]`` descriptor of ``images`` for :func:`frechet_distance`: content and quality.
 
-    Soft palette occupancy (softmax of ``-distance² / temperature``) over the whole image, each quadrant
-    and the central 16x16 window (6 x 9 = 54), edge energy per quadrant (4) and per-channel mean and
-    standard deviation (6).
+    * content (45): soft palette occupancy (softmax of ``-distance² / temperature``) over the whole
+      image and each quadrant;
+    * color purity (7): histogram of each pixel's distance to the nearest palette color (6 bins) and
+      its mean; clean images sit entirely in the first bin;
+    * edges (4): mean absolute neighbour difference per quadrant;
+    * objects (8): number of objects read, mean and minimum template IoU of the objects, their shape
+      histogram (4), object area fraction; clean images have IoU 1.
+
+    The quality features are (nearly) constant on clean generator images, so noise, blur, color drift
+    or broken shapes move the distance far more than sampling noise of the content features does.
     """
     x = _check_images(images)
+    b = x.shape[0]
     palette = PALETTE.to(x.device)
     d = ((x[:, None] - palette[None, :, :, None, None]) ** 2).sum(2)
     p = torch.softmax(-d / temperature, dim=1)  # [B, 9, H, W]
     h = IMAGE_SIZE // 2
-    q = IMAGE_SIZE // 4
-    regions = [
-        p,
-        p[..., :h, :h],
-        p[..., :h, h:],
-        p[..., h:, :h],
-        p[..., h:, h:],
-        p[..., q : q + h, q : q + h],
-    ]
+    regions = [p, p[..., :h, :h], p[..., :h, h:], p[..., h:, :h], p[..., h:, h:]]
     occ = torch.cat([r.mean((2, 3)) for r in regions], 1)
+    dist = d.min(1).values.clamp_min(0).sqrt().reshape(b, -1)
+    edges_ = torch.tensor((0.0, *_PURITY_BINS, float("inf")), device=x.device)
+    purity = torch.stack(
+        [
+            ((dist >= lo) & (dist < hi)).float().mean(1)
+            for lo, hi in zip(edges_[:-1], edges_[1:], strict=True)
+        ],
+        1,
+    )
+    purity = torch.cat([purity, dist.mean(1, keepdim=True)], 1)
     # absolute differences to the right and down neighbours, summed over channels, zero at the border
     e = torch.nn.functional.pad((x[..., :, 1:] - x[..., :, :-1]).abs().sum(1), (0, 1))
     e = e + torch.nn.functional.pad((x[..., 1:, :] - x[..., :-1, :]).abs().sum(1), (0, 0, 0, 1))
     edges = torch.stack([e[:, :h, :h], e[:, :h, h:], e[:, h:, :h], e[:, h:, h:]], 1).mean((2, 3))
-    moments = torch.cat([x.mean((2, 3)), x.std((2, 3))], 1)
-    return torch.cat([occ, edges, moments], 1)
+    ro = read_attributes(x)
+    obj = ro.is_object.float()
+    n = obj.sum(1)
+    iou_mean = (ro.iou * obj).sum(1) / n.clamp_min(1.0)
+    iou_min = torch.where(ro.is_object, ro.iou, torch.ones_like(ro.iou)).min(1).values * (n > 0)
+    shapes = torch.nn.functional.one_hot(ro.shape, len(SHAPES)).float() * obj[..., None]
+    area = (ro.counts.float() * obj).sum(1) / float(IMAGE_SIZE * IMAGE_SIZE)
+    objects = torch.cat([n[:, None], iou_mean[:, None], iou_min[:, None], shapes.sum(1), area[:, None]], 1)
+    return torch.cat([occ, purity, edges, objects], 1)
 
 
 def _sqrtm_psd(m: torch.Tensor) -> torch.Tensor:

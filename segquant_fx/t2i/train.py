@@ -52,10 +52,22 @@ from segquant_fx.t2i.data import (
 )
 from segquant_fx.t2i.diffusion import ddpm_alphas_cumprod, diffusion_loss, generate
 from segquant_fx.t2i.grid import make_grid, save_png
-from segquant_fx.t2i.models import CARD_FILE, build_bundle, get_spec, load_bundle, save_bundle
-from segquant_fx.t2i.readout import chance_adherence, frechet_distance, image_features, score_adherence
+from segquant_fx.t2i.models import CARD_FILE, build_bundle, get_spec, load_bundle, save_bundle, small_spec
+from segquant_fx.t2i.readout import chance_adherence, frechet_distance, image_features, judge, score_adherence
 
-__all__ = ["TrainConfig", "DEFAULT_LR", "train", "evaluate", "config_for", "write_card", "pack_dir"]
+__all__ = [
+    "TrainConfig",
+    "DEFAULT_LR",
+    "PER_PROMPT_RECORD",
+    "train",
+    "evaluate",
+    "config_for",
+    "write_card",
+    "pack_dir",
+]
+
+#: Held-out prompts whose per-prompt verdicts the card records (``first_overall``, a 0/1 string).
+PER_PROMPT_RECORD = 64
 
 #: Peak learning rate per model.
 DEFAULT_LR = {"mmdit": 1e-3, "flux": 1e-3, "unet": 5e-4}
@@ -89,6 +101,8 @@ class TrainConfig:
         grid_prompts: Samples in the PNG grid.
         scene: Data settings.
         device: Training device.
+        arch: ``"full"`` (the shipped architecture) or ``"small"``
+            (:func:`~segquant_fx.t2i.models.small_spec`, for smoke tests).
     """
 
     model: str
@@ -113,9 +127,12 @@ class TrainConfig:
     grid_prompts: int = 32
     scene: SceneConfig = field(default_factory=SceneConfig)
     device: str = "cpu"
+    arch: str = "full"
 
     def __post_init__(self) -> None:
         get_spec(self.model)
+        if self.arch not in ("full", "small"):
+            raise ConfigError(f"TrainConfig.arch={self.arch!r} must be 'full' or 'small'")
         for k in ("steps", "batch_size", "log_every", "eval_batch_size"):
             v = getattr(self, k)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
@@ -218,8 +235,12 @@ def evaluate(bundle: Any, cfg: TrainConfig, log: Callable[[str], None]) -> dict[
     for g in cfg.eval_guidances:
         t0 = time.perf_counter()
         imgs = generate(bundle, prompts, seeds, steps=steps, guidance=g, batch_size=cfg.eval_batch_size)
-        scores = score_adherence(imgs, scenes)
+        scores: dict[str, Any] = score_adherence(imgs, scenes)
         scores["fd_to_data"] = frechet_distance(image_features(imgs), real)
+        # per-prompt verdicts of the first prompts, so a CPU test can re-generate and compare them
+        n_first = min(PER_PROMPT_RECORD, len(prompts))
+        first = judge(imgs[:n_first], scenes[:n_first])["overall"]
+        scores["first_overall"] = "".join("1" if ok else "0" for ok in first.tolist())
         results[f"{g:g}"] = scores
         log(
             f"[{cfg.model}] eval guidance {g:g}: overall {scores['overall']:.3f} "
@@ -279,7 +300,8 @@ def train(
     if dev.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    bundle = build_bundle(cfg.model, seed=cfg.seed)
+    spec = get_spec(cfg.model) if cfg.arch == "full" else small_spec(cfg.model)
+    bundle = build_bundle(spec, seed=cfg.seed)
     bundle.to(dev)
     bundle.backbone.train()
     bundle.text_encoder.train()
@@ -308,7 +330,7 @@ def train(
     stop_reason = "steps"
     while step < cfg.steps:
         elapsed = time.perf_counter() - t_train
-        if cfg.time_budget_s is not None and elapsed >= cfg.time_budget_s:
+        if cfg.time_budget_s is not None and step > 0 and elapsed >= cfg.time_budget_s:
             stop_reason = "time budget"
             break
         for group in opt.param_groups:
