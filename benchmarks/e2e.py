@@ -42,29 +42,40 @@ CPU smoke test (tiny model, seconds)::
     python benchmarks/e2e.py --model tiny-sd3 --device cpu --batch 1 --calib-items 2 \\
         --variants bf16_eager,segquant_w8a8_eager --out /tmp/e2e
 
-H100 runs (one ``run`` call each; ``carry: [".whl", "kernels_cuda/build"]``; wheels from
-``benchmarks/fetch_wheels.sh``, kernels from ``segquant-fx build-kernels --arch 90a``). Every command starts
-with the prefix ``PRE`` =
-``python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site
-.whl/*.whl && export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 && python3 benchmarks/e2e.py --out $OUT
---time-budget-s 540`` and adds (estimates of the whole command in brackets; compile times are the least
-known part: bf16 FLUX 142 s and segquant SD3.5 135 s were measured, the rest is scaled from them)::
+H100 runs: one device ``run`` each, ``timeout_s=600``, ``carry: [".whl", "kernels_cuda/build"]`` (wheels from
+``bash benchmarks/fetch_wheels.sh``, 9.2 MB; kernels from ``segquant-fx build-kernels --arch 90a``). Each
+command is ``PRE`` followed by its arguments, where ``PRE`` is::
 
-    # FLUX.1-dev, batch 1 (the headline targets)                                       [~8-9 min each]
-    PRE --model flux-dev --batch 1 --tag fp8  --variants bf16_eager,bf16_compile,segquant_w8a8-fp8_eager,segquant_w8a8-fp8_compile
-    PRE --model flux-dev --batch 1 --tag int8 --variants bf16_eager,bf16_compile,segquant_w8a8_eager,segquant_w8a8_compile
-    PRE --model flux-dev --batch 1 --tag ao   --variants bf16_eager,bf16_compile,bf16_rcompile,torchao_fp8_rcompile,torchao_int8_rcompile
-    PRE --model flux-dev --batch 1 --tag w4   --variants bf16_eager,segquant_w4a8_eager,bf16_compile,segquant_w4a8_compile
-    # SD3.5-medium, batch 1 and 4 in one process
-    PRE --model sd35-medium --batch 1,4 --tag int8 --variants bf16_eager,bf16_compile,segquant_w8a8_eager,segquant_w8a8_compile      [~8 min]
-    PRE --model sd35-medium --batch 1,4 --tag fp8  --variants bf16_eager,bf16_compile,segquant_w8a8-fp8_eager,segquant_w8a8-fp8_compile  [~8 min]
-    PRE --model sd35-medium --batch 1 --tag ao --variants bf16_eager,bf16_compile,torchao_int8_compile,torchao_fp8_compile          [~7 min]
-    PRE --model sd35-medium --batch 1 --tag w4 --variants bf16_eager,bf16_compile,segquant_w4a8_eager,segquant_w4a8_compile         [~7 min]
-    # SDXL UNet (CFG: the UNet runs on 2 x batch), batch 1
-    PRE --model sdxl --batch 1 --tag 8bit --variants bf16_eager,bf16_compile,segquant_w8a8_eager,segquant_w8a8_compile,segquant_w8a8-fp8_eager,segquant_w8a8-fp8_compile  [~9 min]
-    PRE --model sdxl --batch 1 --tag ao   --variants bf16_eager,bf16_compile,torchao_int8_compile,torchao_fp8_compile               [~7 min]
-    PRE --model sdxl --batch 1 --tag w4   --variants bf16_eager,bf16_compile,segquant_w4a8_eager,segquant_w4a8_compile              [~7 min]
-    # batch 4: the same commands with --batch 4 (FLUX, SD3.5 torchao / w4a8, SDXL)
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+    && export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 && python3 benchmarks/e2e.py --out $OUT --time-budget-s 540
+
+``--time-budget-s 540`` (counted from the interpreter's start) stops every command at about 9.2 minutes
+whatever happens. Estimates in brackets; measured inputs: bf16 FLUX compile 142 s, segquant SD3.5 compile
+135 s, SD3.5 build 16-18 s, quantize capture 20 s (SD3.5); the other compile and quantize times are scaled
+from those and are the least certain part. In priority order::
+
+    # FLUX.1-dev, batch 1: the headline targets
+    F1 PRE --model flux-dev --batch 1 --tag fp8 --variants bf16_eager,bf16_compile,segquant_w8a8-fp8_eager,segquant_w8a8-fp8_compile   [~7.5 min]
+    F2 PRE --model flux-dev --batch 1 --tag int8 --variants bf16_eager,bf16_compile,segquant_w8a8_eager,segquant_w8a8_compile         [~7.5 min]
+    F3 PRE --model flux-dev --batch 1 --tag ao --variants bf16_eager,bf16_compile,bf16_rcompile,torchao_fp8_rcompile,torchao_int8_rcompile  [~6 min]
+    # SD3.5-medium and SDXL (the UNet runs on 2 x batch: CFG), batch 1
+    S1 PRE --model sd35-medium --batch 1 --tag 8bit --variants baselines,segquant_w8a8_eager,segquant_w8a8_compile,segquant_w8a8-fp8_eager,segquant_w8a8-fp8_compile  [~7.5 min]
+    S2 PRE --model sd35-medium --batch 1 --tag ao --variants baselines,torchao                                                      [~6-9 min]
+    X1 PRE --model sdxl --batch 1 --tag 8bit --variants baselines,segquant_w8a8_eager,segquant_w8a8_compile,segquant_w8a8-fp8_eager,segquant_w8a8-fp8_compile  [~8 min]
+    X2 PRE --model sdxl --batch 1 --tag ao --variants baselines,torchao                                                             [~7 min]
+    # W4A8 (int4 weights: the qlinear runs the reference fallback on CUDA, so the figures that count are
+    # weight bytes, error and quantize time; the quantized model is made first, the compiled pair after)
+    S3 PRE --model sd35-medium --batch 1 --tag w4 --order given --variants bf16_eager,segquant_w4a8_eager,bf16_compile,segquant_w4a8_compile  [~7.5 min]
+    X3 PRE --model sdxl --batch 1 --tag w4 --order given --variants bf16_eager,segquant_w4a8_eager,bf16_compile,segquant_w4a8_compile          [~7.5 min]
+    F4 PRE --model flux-dev --batch 1 --tag w4 --order given --svd-precision float32 --variants bf16_eager,segquant_w4a8_eager,bf16_compile,segquant_w4a8_compile  [9 min, budget-bound]
+    # batch 4: F1-F3, S1-S3, X1-X3 again with --batch 4 (same compile times; steps 4x longer)
+    # optional: torchao FP8 with whole-model compile on FLUX (did not finish in 500 s before)
+    F5 PRE --model flux-dev --batch 1 --tag aofull --variants bf16_eager,torchao_fp8_compile                                       [<= 9 min]
+
+F4: FLUX GPTQ Hessians (~70 GiB upper bound) go to pinned CPU memory (``--hessian-cpu auto``) and 504 SVDs
+run in float32 instead of float64 (recorded in the JSON); if quantizing does not fit the budget the variants
+are recorded as ``timeout``. A command whose JSON lists ``skipped`` or ``timeout`` variants is rerun with
+only those (plus ``bf16_compile``, the baseline of the run).
 
 Variants that a budget cut off are listed as ``skipped`` in the JSON; rerun them in a command of their own.
 Benchmarks never assert: the exit code is 0 whatever the figures (2 only for bad arguments).
@@ -185,11 +196,12 @@ _VARIANT_RES = (
 )
 
 
-def parse_variants(spec: str | Iterable[str]) -> list[Variant]:
+def parse_variants(spec: str | Iterable[str], order: str = "canonical") -> list[Variant]:
     """Parse ``--variants`` (comma-separated names or groups) into variants in execution order.
 
-    bf16 variants come first, then torchao, then segquant grouped by preset (eager before compile, presets
-    in the order first named), so a preset is quantized once and freed after its last variant.
+    ``order="canonical"``: bf16 variants first, then torchao, then segquant grouped by preset (eager before
+    compile, presets in the order first named). ``order="given"``: as named (groups expanded in place).
+    Either way a preset is quantized once, at its first variant, and freed after its last.
 
     Raises:
         ConfigError: An unknown variant, group or preset; the message lists what is accepted.
@@ -226,6 +238,10 @@ def parse_variants(spec: str | Iterable[str]) -> list[Variant]:
                 f"torchao_{{int8,fp8}}_{{eager,compile,rcompile}}, segquant_<preset>_{{eager,compile}} "
                 f"or a group ({', '.join(VARIANT_GROUPS)})"
             )
+    if order == "given":
+        return list(out.values())
+    if order != "canonical":
+        raise ConfigError(f"order must be 'canonical' or 'given', got {order!r}")
     presets: list[str] = []
     for v in out.values():
         if v.kind == "segquant" and v.scheme not in presets:
@@ -258,6 +274,9 @@ _BUFFER_CATEGORY = {
 }
 
 
+WEIGHT_CATEGORIES = ("qweight", "scales", "low_rank", "dequantized_copy", "float", "float_buffers")
+
+
 def _is_wrapper_subclass(t: torch.Tensor) -> bool:
     from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 
@@ -274,7 +293,7 @@ def _leaf_tensors(t: torch.Tensor, category: str) -> Iterator[tuple[torch.Tensor
                 if "scale" in a or "zero_point" in a:
                     sub = "scales"
                 else:  # quantized data, possibly wrapped again (torchao nests its tensors)
-                    sub = "qweight" if category == "float" else category
+                    sub = "qweight" if category.startswith("float") else category
                 yield from _leaf_tensors(inner, sub)
         return
     yield t, category
@@ -291,20 +310,22 @@ def weight_bytes(module: torch.nn.Module) -> dict[str, int]:
     Categories: ``qweight`` (quantized weights as stored: int8 / fp8 / int4 packed two per byte; torchao's
     quantized data), ``scales`` (weight and activation scales, SmoothQuant vectors, zero points),
     ``low_rank`` (SVDQuant branches), ``dequantized_copy`` (float copies of quantized weights, if any),
-    ``float`` (everything else: unquantized layers, biases, norms, embeddings, positional tables).
+    ``float`` (every other parameter: unquantized layers, biases, norms, embeddings), ``float_buffers`` (every
+    other buffer, e.g. SD3's 384x384 positional table, 0.42 GiB in bf16, which no 8-bit format shrinks).
     ``total`` is their sum. A tensor shared by several modules (or a view) is counted once, by storage.
 
     The library has no such count; this is the benchmark's own (issue 10).
     """
-    out = Counter({k: 0 for k in ("qweight", "scales", "low_rank", "dequantized_copy", "float")})
+    out = Counter({k: 0 for k in (*WEIGHT_CATEGORIES,)})
     seen: set[tuple[str, int, int]] = set()
     named = itertools.chain(
-        module.named_parameters(remove_duplicate=False), module.named_buffers(remove_duplicate=False)
+        ((n, t, "float") for n, t in module.named_parameters(remove_duplicate=False)),
+        ((n, t, "float_buffers") for n, t in module.named_buffers(remove_duplicate=False)),
     )
-    for name, t in named:
+    for name, t, default in named:
         if t is None:
             continue
-        category = _BUFFER_CATEGORY.get(name.rsplit(".", 1)[-1], "float")
+        category = _BUFFER_CATEGORY.get(name.rsplit(".", 1)[-1], default)
         for leaf, cat in _leaf_tensors(t, category):
             nbytes = leaf.numel() * leaf.element_size()
             try:
@@ -836,6 +857,12 @@ class _Run:
             import torch._dynamo.utils
 
             torch._dynamo.utils.counters.clear()
+            if (
+                dev.type == "cuda"
+            ):  # each variant lists the reference fallbacks it hit (warned once per process)
+                from segquant_fx.ops import cuda_kernels
+
+                cuda_kernels.reset_fallback_warnings()
             fn = self.callable_for(v, prep, batch)
             if dev.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(dev)
@@ -942,6 +969,10 @@ class _Run:
                 rec["weight_bytes"] = wb
                 rec["weight_gib"] = _gib(wb["total"])
                 rec["weight_ratio_vs_bf16"] = round(wb["total"] / self.float_bytes["total"], 4)
+                fb = self.float_bytes
+                rec["weight_ratio_vs_bf16_excl_float_buffers"] = round(
+                    (wb["total"] - wb["float_buffers"]) / max(1, fb["total"] - fb["float_buffers"]), 4
+                )
                 if prep.quantize_s is not None:
                     rec["quantize_s"] = prep.quantize_s
                     rec["quantize"] = prep.quantize_info
@@ -1150,6 +1181,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--batch", type=_batches, default=[1], help="images per step, e.g. 1,4 (default 1)")
     p.add_argument("--variants", default="all", help="comma-separated variants and groups (default: all)")
     p.add_argument("--out", required=True, help="output directory")
+    p.add_argument(
+        "--order",
+        choices=("canonical", "given"),
+        default="canonical",
+        help="run bf16, torchao, then segquant (canonical) or as listed (given)",
+    )
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), default="bf16")
     p.add_argument("--tag", default="", help="suffix of the JSON name (several commands per model/batch)")
@@ -1203,7 +1240,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.tag and not re.fullmatch(r"[A-Za-z0-9._-]+", args.tag):
         p.error(f"--tag {args.tag!r}: use letters, digits, '.', '_' or '-' only")
     try:
-        variants = parse_variants(args.variants)
+        variants = parse_variants(args.variants, args.order)
         from segquant_fx.models import get_model_spec
 
         get_model_spec(MODEL_ALIASES.get(args.model, args.model))

@@ -59,6 +59,13 @@ def test_parse_variants_orders_bf16_torchao_then_presets():
     assert (vs[3].kind, vs[3].scheme, vs[3].mode) == ("segquant", "w4a8", "eager")
 
 
+def test_parse_variants_given_order_is_kept():
+    names = "bf16_eager,segquant_w4a8_eager,bf16_compile,segquant_w4a8_compile"
+    assert [v.name for v in e2e.parse_variants(names, order="given")] == names.split(",")
+    with pytest.raises(ConfigError, match="order must be"):
+        e2e.parse_variants(names, order="random")
+
+
 def test_parse_variants_groups_expand_and_dedupe():
     vs = e2e.parse_variants("all,bf16_eager,segquant")
     names = [v.name for v in vs]
@@ -176,7 +183,11 @@ def test_weight_bytes_counts_stored_formats_once():
     assert wb["low_rank"] == (16 + 32) * 2
     assert wb["float"] == 16 * 2 + 64 * 2
     assert wb["dequantized_copy"] == 0
-    assert wb["total"] == 64 + 100 + 96 + 160
+    assert wb["float_buffers"] == 0
+    m.register_buffer("pos_table", torch.zeros(10, dtype=torch.bfloat16))  # a float buffer, not a parameter
+    wb = e2e.weight_bytes(m)
+    assert wb["float_buffers"] == 20
+    assert wb["total"] == 64 + 100 + 96 + 160 + 20
 
 
 class _QTensor(torch.Tensor):
@@ -209,7 +220,7 @@ def test_weight_bytes_flattens_tensor_subclasses():
     m = torch.nn.Module()
     m.register_buffer("weight", t)
     wb = e2e.weight_bytes(m)
-    assert (wb["qweight"], wb["scales"], wb["float"]) == (128, 32, 0)
+    assert (wb["qweight"], wb["scales"], wb["float"], wb["float_buffers"]) == (128, 32, 0, 0)
     assert e2e.tensor_bytes(t) == 160  # not 8 * 16 * 2 (the logical bf16 size)
 
 
@@ -268,6 +279,29 @@ def test_time_budget_skips_remaining_variants(tmp_path, one_thread):
         ("segquant_w8a8_eager", "skipped"),
     ]
     assert "time budget" in res["variants"][0]["note"]
+
+
+def test_sdxl_runs_the_unet_on_a_cfg_pair(tmp_path, one_thread):
+    """SDXL's backbone batch is 2 x the image batch (cond + uncond), as the issue specifies."""
+    argv = (
+        "--model tiny-sdxl --device cpu --variants bf16_eager --warmup 1 --steps-timed 1 --threads 1 --quiet"
+    )
+    assert e2e.main([*argv.split(), "--out", str(tmp_path)]) == 0
+    res = json.loads((tmp_path / "e2e_tiny-sdxl_b1.json").read_text())
+    assert (res["cfg_factor"], res["backbone_batch"]) == (2, 2)
+    assert res["input_shapes"]["sample"] == [2, 4, 16, 16]
+    assert res["variants"][0]["status"] == "ok"
+
+
+def test_variant_timeout_interrupts_and_skips_the_preset(tmp_path, one_thread):
+    """A quantization cut off by --variant-timeout-s is recorded as a timeout; the preset's other variant is
+    skipped (not quantized again), and the run still writes its results."""
+    argv = "--model tiny-sd3 --device cpu --variants segquant_w8a8_eager,segquant_w8a8_compile --threads 1 --quiet"
+    rc = e2e.main([*argv.split(), "--variant-timeout-s", "0.05", "--out", str(tmp_path)])
+    assert rc == 0
+    eager, compiled = json.loads((tmp_path / "e2e_tiny-sd3_b1.json").read_text())["variants"]
+    assert eager["status"] == "timeout" and "interrupted after" in eager["note"]
+    assert compiled["status"] == "skipped" and "failed earlier" in compiled["note"]
 
 
 def test_missing_torchao_is_skipped_with_a_note(tmp_path, one_thread, monkeypatch):
