@@ -28,6 +28,7 @@ streams differ, so fixed evaluation sets are drawn on the CPU (:func:`heldout_sc
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass, fields
 
@@ -55,6 +56,7 @@ __all__ = [
     "render",
     "shape_masks",
     "object_geometry",
+    "device_tables",
     "scene_prompts",
     "scene_token_ids",
     "parse_prompts",
@@ -125,6 +127,34 @@ VOCAB: tuple[str, ...] = (
 )
 PAD_ID = 0
 _WORD_ID = {w: i for i, w in enumerate(VOCAB)}
+
+
+@functools.lru_cache(maxsize=16)
+def _tables(device: torch.device) -> dict[str, torch.Tensor]:
+    """Constant lookup tables on ``device``, built once.
+
+    Creating them per call would copy host memory to the GPU every training step, and a blocking
+    host-to-device copy synchronizes the stream, which would stall the CPU until the GPU drained.
+    Callers must not modify them.
+    """
+    phrase = torch.full((len(POSITIONS), 4), -1, dtype=torch.long)
+    for p, words in enumerate(_POSITION_PHRASES):
+        phrase[p, : len(words)] = torch.tensor([_WORD_ID[w] for w in words])
+    return {
+        "palette": PALETTE.to(device),
+        "object_colors": torch.tensor(OBJECT_COLORS, device=device),
+        "radii": torch.tensor(SIZE_RADII, device=device),
+        "centers": torch.tensor(POSITION_CENTERS, device=device),
+        "color_ids": torch.tensor([_WORD_ID[c] for c in COLOR_NAMES], device=device),
+        "shape_ids": torch.tensor([_WORD_ID[c] for c in SHAPES], device=device),
+        "size_ids": torch.tensor([_WORD_ID[c] for c in SIZES], device=device),
+        "phrase": phrase.to(device),
+    }
+
+
+def device_tables(device: torch.device | str) -> dict[str, torch.Tensor]:
+    """Read-only constant tables (palette, radii, position centers, word ids) on ``device``, cached."""
+    return _tables(torch.device(device))
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -245,7 +275,7 @@ def sample_scenes(
     n_objects = 1 + (uniform(n) < cfg.p_two).long()
     two = n_objects == 2
     # object colors: two distinct draws from OBJECT_COLORS, then a background different from both
-    obj_colors = torch.tensor(OBJECT_COLORS, device=dev)
+    obj_colors = device_tables(dev)["object_colors"]
     k = len(OBJECT_COLORS)
     c0 = torch.randint(0, k, (n,), generator=g, device=dev)
     c1 = (c0 + torch.randint(1, k, (n,), generator=g, device=dev)) % k
@@ -253,8 +283,9 @@ def sample_scenes(
     # background: uniform over the palette minus the object colors of this scene
     nc = PALETTE.shape[0]
     allowed = torch.ones(n, nc, dtype=torch.bool, device=dev)
-    allowed[torch.arange(n, device=dev), color[:, 0]] = False
-    allowed[two, color[two, 1]] = False
+    # scatter instead of boolean-mask indexing: a mask index would synchronize the GPU every step
+    allowed.scatter_(1, color[:, :1], False)
+    allowed.scatter_(1, torch.where(two, color[:, 1], color[:, 0])[:, None], False)
     scores = torch.where(allowed, uniform(n, nc), torch.full((n, nc), -1.0, device=dev))
     background = scores.argmax(dim=1)
 
@@ -324,8 +355,8 @@ def shape_masks(
 
 def object_geometry(scenes: Scenes) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(radius, cx, cy)``, each ``[B, 2]``, of the objects of ``scenes`` (jitter applied)."""
-    radii = torch.tensor(SIZE_RADII, device=scenes.device)
-    centers = torch.tensor(POSITION_CENTERS, device=scenes.device)
+    tables = device_tables(scenes.device)
+    radii, centers = tables["radii"], tables["centers"]
     c = centers[scenes.position]  # [B, 2, 2]
     return radii[scenes.size], c[..., 0] + scenes.jitter[..., 0], c[..., 1] + scenes.jitter[..., 1]
 
@@ -333,7 +364,7 @@ def object_geometry(scenes: Scenes) -> tuple[torch.Tensor, torch.Tensor, torch.T
 def render(scenes: Scenes) -> torch.Tensor:
     """Images ``[B, 3, 32, 32]`` in ``[0, 1]`` (float32, on the scenes' device)."""
     b = len(scenes)
-    palette = PALETTE.to(scenes.device)
+    palette = device_tables(scenes.device)["palette"]
     img = palette[scenes.background][:, :, None, None].expand(b, 3, IMAGE_SIZE, IMAGE_SIZE).clone()
     radius, cx, cy = object_geometry(scenes)
     used = scenes.object_mask
@@ -388,37 +419,34 @@ def scene_token_ids(scenes: Scenes, max_tokens: int = MAX_TOKENS) -> torch.Tenso
     dev = scenes.device
     b = len(scenes)
     wid = _WORD_ID
-    color_ids = torch.tensor([wid[c] for c in COLOR_NAMES], device=dev)
-    shape_ids = torch.tensor([wid[s] for s in SHAPES], device=dev)
-    size_ids = torch.tensor([wid[s] for s in SIZES], device=dev)
+    tables = device_tables(dev)
+    color_ids, shape_ids, size_ids = tables["color_ids"], tables["shape_ids"], tables["size_ids"]
     # position phrases as 4 slots; "in the center" leaves its 4th slot unused (id -1)
-    phrase = torch.full((len(POSITIONS), 4), -1, dtype=torch.long, device=dev)
-    for p, words in enumerate(_POSITION_PHRASES):
-        phrase[p, : len(words)] = torch.tensor([wid[w] for w in words], device=dev)
+    phrase = tables["phrase"]
 
     slots: list[torch.Tensor] = []
     keep: list[torch.Tensor] = []
     true = torch.ones(b, dtype=torch.bool, device=dev)
 
-    def add(ids: torch.Tensor, k: torch.Tensor) -> None:
-        slots.append(ids.expand(b) if ids.dim() == 0 else ids)
+    def add(ids: torch.Tensor | int, k: torch.Tensor) -> None:
+        slots.append(torch.full((b,), ids, dtype=torch.long, device=dev) if isinstance(ids, int) else ids)
         keep.append(k)
 
     for slot in range(2):
         used = scenes.n_objects > slot
         if slot:
-            add(torch.tensor(wid["and"], device=dev), used)
-        add(torch.tensor(wid["a"], device=dev), used)
+            add(wid["and"], used)
+        add(wid["a"], used)
         add(size_ids[scenes.size[:, slot]], used & scenes.mention_size[:, slot])
         add(color_ids[scenes.color[:, slot]], used)
         add(shape_ids[scenes.shape[:, slot]], used)
         ph = phrase[scenes.position[:, slot]]  # [B, 4]
         for j in range(4):
             add(ph[:, j], used & scenes.mention_position[:, slot] & (ph[:, j] >= 0))
-    add(torch.tensor(wid["on"], device=dev), true)
-    add(torch.tensor(wid["a"], device=dev), true)
+    add(wid["on"], true)
+    add(wid["a"], true)
     add(color_ids[scenes.background], true)
-    add(torch.tensor(wid["background"], device=dev), true)
+    add(wid["background"], true)
 
     ids = torch.stack(slots, dim=1)
     kept = torch.stack(keep, dim=1)

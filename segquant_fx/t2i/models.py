@@ -423,9 +423,9 @@ class T2IBundle:
                 "txt_ids": txt_ids,
             }
         size = float(IMAGE_SIZE)
-        time_ids = torch.tensor([size, size, 0.0, 0.0, size, size], device=x.device, dtype=x.dtype).expand(
-            x.shape[0], 6
-        )
+        # (original size, crop top-left, target size), built on the device: no host-to-device copy
+        time_ids = torch.full((x.shape[0], 6), size, device=x.device, dtype=x.dtype)
+        time_ids[:, 2:4] = 0.0
         return {
             "sample": x,
             "timestep": t,

@@ -30,13 +30,13 @@ import torch
 from segquant_fx.errors import ConfigError
 from segquant_fx.t2i.data import (
     IMAGE_SIZE,
-    PALETTE,
     POSITION_CENTERS,
     POSITIONS,
     SHAPES,
     SIZE_RADII,
     SIZES,
     Scenes,
+    device_tables,
     render,
     shape_masks,
 )
@@ -79,6 +79,11 @@ def _template_bank_cpu() -> tuple[torch.Tensor, torch.Tensor]:
 
 def template_bank(device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
     """``(masks [K, H*W] float, attrs [K, 5])``; attrs = (shape, size, position, jitter x, jitter y)."""
+    return _template_bank_on(torch.device(device))
+
+
+@functools.lru_cache(maxsize=8)
+def _template_bank_on(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     masks, attrs = _template_bank_cpu()
     return masks.to(device), attrs.to(device)
 
@@ -129,7 +134,7 @@ def read_attributes(images: torch.Tensor, *, min_pixels: int = 12) -> Readout:
     """Read background, objects and their attributes from ``images`` (``[B, 3, 32, 32]`` in ``[0, 1]``)."""
     x = _check_images(images)
     dev = x.device
-    palette = PALETTE.to(dev)
+    palette = device_tables(dev)["palette"]
     b = x.shape[0]
     d = ((x[:, None] - palette[None, :, :, None, None]) ** 2).sum(2)  # [B, C, H, W]
     labels = d.argmin(1)
@@ -266,7 +271,7 @@ def image_features(images: torch.Tensor, *, temperature: float = 0.05) -> torch.
     """
     x = _check_images(images)
     b = x.shape[0]
-    palette = PALETTE.to(x.device)
+    palette = device_tables(x.device)["palette"]
     d = ((x[:, None] - palette[None, :, :, None, None]) ** 2).sum(2)
     p = torch.softmax(-d / temperature, dim=1)  # [B, 9, H, W]
     h = IMAGE_SIZE // 2
