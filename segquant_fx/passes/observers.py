@@ -31,7 +31,7 @@ from __future__ import annotations
 import functools
 import math
 import zlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -48,6 +48,7 @@ __all__ = [
     "ObserverNeeds",
     "LinearInputObserver",
     "merge_observers",
+    "ObserverSession",
 ]
 
 
@@ -102,16 +103,23 @@ class ChannelMinMaxObserver(ObserverBase):
             return x
         hi = flat.amax(dim=0).float()
         lo = flat.amin(dim=0).float()
+        self._check_finite(hi, lo)
+        self.pos_max.copy_(torch.maximum(self.pos_max, hi.clamp(min=0).to(self.pos_max.device)))
+        self.neg_min.copy_(torch.minimum(self.neg_min, lo.clamp(max=0).to(self.neg_min.device)))
+        self.count += flat.shape[0]
+        return x
+
+    def _check_finite(self, hi: torch.Tensor, lo: torch.Tensor) -> None:
+        """Raise :class:`CalibrationError` if the per-channel maximum ``hi`` or minimum ``lo`` is not finite.
+
+        The message names this observer and the first such channel.
+        """
         if not (torch.isfinite(hi).all() and torch.isfinite(lo).all()):
             bad = int((~torch.isfinite(hi) | ~torch.isfinite(lo)).nonzero()[0])
             raise CalibrationError(
                 f"non-finite activation at {self.name} (channel {bad}): the float model produces NaN/Inf on "
                 "this calibration item; check the item's values and the model's dtype"
             )
-        self.pos_max.copy_(torch.maximum(self.pos_max, hi.clamp(min=0).to(self.pos_max.device)))
-        self.neg_min.copy_(torch.minimum(self.neg_min, lo.clamp(max=0).to(self.neg_min.device)))
-        self.count += flat.shape[0]
-        return x
 
     @property
     def absmax(self) -> torch.Tensor:
@@ -160,24 +168,32 @@ class RowReservoir:
         m = flat.shape[0]
         if m == 0:
             return
-        u = torch.rand(m, generator=self._gen, dtype=torch.float64)
-        self.seen += m
-        full = self.keys.numel() >= self.capacity
-        if full:
-            cand = (u < self.keys.max()).nonzero().flatten()
-            if cand.numel() == 0:
-                return
-        else:
-            cand = torch.arange(m)
-        store = torch.device("cpu") if self.cpu_storage else flat.device
-        new_rows = flat.detach()[cand.to(flat.device)].to(store)
-        keys = torch.cat([self.keys, u[cand]])
-        rows = new_rows if self.rows is None else torch.cat([self.rows, new_rows.to(self.rows.dtype)])
-        if keys.numel() > self.capacity:
-            keep = torch.topk(keys, self.capacity, largest=False).indices.sort().values
-            keys = keys[keep]
-            rows = rows[keep.to(rows.device)]
+        # Atomic: the state changes only at the end and the key generator rewinds on a failure, so a
+        # batch offered again after a failed offer gets the keys it would have got the first time.
+        gen_state = self._gen.get_state()
+        try:
+            u = torch.rand(m, generator=self._gen, dtype=torch.float64)
+            full = self.keys.numel() >= self.capacity
+            if full:
+                cand = (u < self.keys.max()).nonzero().flatten()
+                if cand.numel() == 0:
+                    self.seen += m
+                    return
+            else:
+                cand = torch.arange(m)
+            store = torch.device("cpu") if self.cpu_storage else flat.device
+            new_rows = flat.detach()[cand.to(flat.device)].to(store)
+            keys = torch.cat([self.keys, u[cand]])
+            rows = new_rows if self.rows is None else torch.cat([self.rows, new_rows.to(self.rows.dtype)])
+            if keys.numel() > self.capacity:
+                keep = torch.topk(keys, self.capacity, largest=False).indices.sort().values
+                keys = keys[keep]
+                rows = rows[keep.to(rows.device)]
+        except BaseException:
+            self._gen.set_state(gen_state)
+            raise
         self.keys, self.rows = keys, rows
+        self.seen += m
 
     def sample(
         self, device: torch.device | str | None = None, dtype: torch.dtype = torch.float32
@@ -327,6 +343,8 @@ class StreamingHistogram:
             return
         for t in need.nonzero().flatten().tolist():
             m = float(new_max[t])
+            if not math.isfinite(m):  # an infinite range would never be reached by doubling
+                raise CalibrationError(f"histogram of segment {t}: non-finite value {m} observed")
             r = float(self.range[t])
             target = 2.0 ** math.ceil(math.log2(m)) if m > 0 else 0.0
             if target < m:  # log2 rounding
@@ -360,8 +378,8 @@ class StreamingHistogram:
         seg_neg = torch.zeros(nseg, dtype=torch.float64, device=v.device).scatter_reduce(
             0, self._seg, colmax_neg, "amax"
         )
-        self.maxval[:, 0] = torch.maximum(self.maxval[:, 0], seg_pos)
-        self.maxval[:, 1] = torch.maximum(self.maxval[:, 1], seg_neg)
+        # Growing the range first is safe if the rest fails: the range only depends on the largest
+        # magnitude seen and re-binning is exact, so offering the batch again ends in the same state.
         self._grow(torch.maximum(seg_pos, seg_neg))
         r = self.range.to(torch.float32)[self._seg]  # [K]
         safe = torch.where(r > 0, r, torch.ones_like(r))
@@ -369,13 +387,15 @@ class StreamingHistogram:
         neg = (v < 0).long()
         nz = mag > 0
         flat_idx = ((self._seg[None, :] * 2 + neg) * self.bins + idx)[nz]
-        self.counts += (
-            torch.bincount(flat_idx, minlength=nseg * 2 * self.bins).reshape(nseg, 2, self.bins).double()
-        )
+        counts = torch.bincount(flat_idx, minlength=nseg * 2 * self.bins).reshape(nseg, 2, self.bins).double()
         zeros_per_col = (~nz).sum(0).double()
-        self.zeros += torch.zeros(nseg, dtype=torch.float64, device=v.device).index_add_(
+        zeros = torch.zeros(nseg, dtype=torch.float64, device=v.device).index_add_(
             0, self._seg, zeros_per_col
         )
+        self.maxval[:, 0] = torch.maximum(self.maxval[:, 0], seg_pos)
+        self.maxval[:, 1] = torch.maximum(self.maxval[:, 1], seg_neg)
+        self.counts += counts
+        self.zeros += zeros
 
     def half(self, t: int, which: str) -> tuple[torch.Tensor, float, float, float]:
         """``(counts [bins], range, maxval, zeros)`` of segment ``t``.
@@ -479,6 +499,20 @@ class LinearInputObserver(ChannelMinMaxObserver):
         super().reset()
         self.__init__(self.in_features, self.name, self.needs)
 
+    def extra_updates(self) -> list[Callable[[torch.Tensor], None]]:
+        """The update functions of the statistics besides the extremes, in ``forward``'s order.
+
+        Each takes the observed rows ``[M, K]``. If one raises, calling it again with the same rows
+        ends in the state a single successful call gives (nothing is counted twice).
+        """
+        ups: list[Callable[[torch.Tensor], None]] = []
+        if self.reservoir is not None:
+            ups.append(self.reservoir.update)
+        if self.hessian is not None:
+            ups.append(self.hessian.update)
+        ups += [h.update for h in self.histograms.values()]
+        return ups
+
     @torch.no_grad()
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Record ``x``; return it."""
@@ -495,6 +529,249 @@ class LinearInputObserver(ChannelMinMaxObserver):
         for h in self.histograms.values():
             h.update(flat)
         return x
+
+
+_FAST_TYPES = (ChannelMinMaxObserver, LinearInputObserver)
+
+
+class _ExtremesGroup:
+    """The per-channel extremes of several observers of one width ``K``, batched.
+
+    The members' ``pos_max`` / ``neg_min`` buffers are rows of two ``[n, K]`` tensors owned here. Each
+    member's per-channel maximum and minimum of one item are *staged* (``[K]`` each) and folded into the
+    rows together when the item is committed: one ``stack``, one ``maximum`` and one ``minimum`` per
+    group and item instead of two in-place updates and a NaN check per observer and call.
+
+    ``follow``: the storage moves to the device of the activations on the first commit (what
+    :class:`LinearInputObserver` does); otherwise the staged values move to the storage's device.
+    """
+
+    def __init__(self, members: list[ChannelMinMaxObserver], follow: bool):
+        self.members = members
+        self.follow = follow
+        dev = members[0].pos_max.device
+        self.pos = torch.stack([m.pos_max.detach().to(dev) for m in members])
+        self.neg = torch.stack([m.neg_min.detach().to(dev) for m in members])
+        self._point()
+        n = len(members)
+        self.hi: list[Any] = [None] * n
+        self.lo: list[Any] = [None] * n
+        self.rows: list[int] = [0] * n  # 0: nothing staged for that member in this item
+
+    def _point(self) -> None:
+        for j, m in enumerate(self.members):
+            m.pos_max, m.neg_min = self.pos[j], self.neg[j]
+
+    def drop(self) -> None:
+        """Forget what is staged."""
+        n = len(self.members)
+        self.hi[:], self.lo[:], self.rows[:] = [None] * n, [None] * n, [0] * n
+
+    def stacked(self) -> tuple[torch.Tensor, list[int] | None] | None:
+        """``([2m, K] staged maxima then minima, staged member indices or None for all)``, None if none."""
+        rows = self.rows
+        if 0 not in rows:
+            return torch.stack(self.hi + self.lo), None
+        present = [j for j, r in enumerate(rows) if r]
+        if not present:
+            return None
+        return torch.stack([self.hi[j] for j in present] + [self.lo[j] for j in present]), present
+
+    def apply(self, s: torch.Tensor, present: list[int] | None) -> None:
+        """Fold the staged extremes ``s`` (from :meth:`stacked`) in and count the rows; then drop them."""
+        if s.device != self.pos.device:
+            if self.follow:
+                self.pos, self.neg = self.pos.to(s.device), self.neg.to(s.device)
+                self._point()
+            else:
+                s = s.to(self.pos.device)
+        # pos_max >= 0 >= neg_min always hold, so max(pos, hi) = max(pos, max(hi, 0)): no clamp needed
+        if present is None:
+            n = len(self.members)
+            torch.maximum(self.pos, s[:n], out=self.pos)
+            torch.minimum(self.neg, s[n:], out=self.neg)
+            for m, r in zip(self.members, self.rows, strict=True):
+                m.count += r
+        else:
+            n = len(present)
+            idx = torch.tensor(present, device=self.pos.device)
+            self.pos[idx] = torch.maximum(self.pos[idx], s[:n])
+            self.neg[idx] = torch.minimum(self.neg[idx], s[n:])
+            for j in present:
+                self.members[j].count += self.rows[j]
+        self.drop()
+
+    def detach(self) -> None:
+        """Give every member buffers of its own (the current values)."""
+        for j, m in enumerate(self.members):
+            m.pos_max, m.neg_min = self.pos[j].clone(), self.neg[j].clone()
+
+
+_REDUCE_DIMS = tuple(tuple(range(n - 1)) for n in range(9))  # ndim -> all but the last dim
+
+
+class ObserverSession:
+    """Feeds a fixed set of observers item by item; an item's statistics count once, when it completes.
+
+    ``feeds[i](x)`` records ``x`` for ``observers[i]``. Around every calibration item: :meth:`begin`,
+    the feeds (from a graph run), then :meth:`commit`. If the run fails and the same item is run again
+    from the start (a re-run that names the failing node), call :meth:`retry` in between: nothing the
+    failed run recorded is counted twice.
+
+    * :class:`ChannelMinMaxObserver` and :class:`LinearInputObserver` (exactly these classes): the
+      per-channel extremes of an item are staged and committed together, batched per width (see
+      ``_ExtremesGroup``); the members' ``pos_max`` / ``neg_min`` are views of the batched storage
+      until :meth:`close`. A NaN/Inf is reported at commit (or, for observers with sums, before
+      their sums are touched), naming the first observer in ``observers`` order that saw one, exactly
+      as the observer's own ``forward`` would. The sums of a :class:`LinearInputObserver` (reservoir,
+      Hessian, histograms; each update atomic) are updated at once, each at most once per item: a
+      re-run skips those already done. So statistics equal those of calling each observer's
+      ``forward`` once per item, bit for bit.
+    * Any other observer (a custom factory's, a subclass): called as ``observer(x)`` at most once per
+      item; a re-run skips the observers the failed run already called.
+
+    Args:
+        observers: Distinct observers, in the order the graph runs them.
+    """
+
+    def __init__(self, observers: Sequence[Any]):
+        self.observers = list(observers)
+        # observer index -> updates applied in this item (n calls x m updates counts n * m), and
+        # calls seen in this run of the item: a re-run skips the updates its failed run applied
+        self._done: dict[int, int] = {}
+        self._calls: dict[int, int] = {}
+        self._order: list[tuple[_ExtremesGroup, int, ChannelMinMaxObserver]] = []
+        self.groups: list[_ExtremesGroup] = []
+        slots: dict[int, tuple[int, int]] = {}
+        by_key: dict[tuple[Any, ...], list[int]] = {}
+        seen: set[int] = set()
+        for i, o in enumerate(self.observers):
+            if type(o) in _FAST_TYPES and id(o) not in seen:
+                b = o.pos_max
+                key = (o.in_features, b.device, b.dtype, type(o) is LinearInputObserver)
+                by_key.setdefault(key, []).append(i)
+            seen.add(id(o))
+        for key, idxs in by_key.items():
+            g = _ExtremesGroup([self.observers[i] for i in idxs], follow=key[3])
+            for j, i in enumerate(idxs):
+                slots[i] = (len(self.groups), j)
+            self.groups.append(g)
+        self.feeds: list[Callable[[torch.Tensor], None]] = []
+        for i, o in enumerate(self.observers):
+            if i in slots:
+                g = self.groups[slots[i][0]]
+                self._order.append((g, slots[i][1], o))
+                extras = o.extra_updates() if isinstance(o, LinearInputObserver) else []
+                self.feeds.append(self._extremes_feed(i, o, g, slots[i][1], extras))
+            else:
+                self.feeds.append(self._plain_feed(i, o))
+
+    # ---------------------------------------------------------------------------------------- items
+
+    def begin(self) -> None:
+        """Start an item."""
+        self._done.clear()
+        self._calls.clear()
+        for g in self.groups:
+            g.drop()
+
+    def retry(self) -> None:
+        """The current item runs again from the start: drop what it staged, keep what it applied."""
+        self._calls.clear()
+        for g in self.groups:
+            g.drop()
+
+    @torch.no_grad()
+    def commit(self) -> None:
+        """The item completed: count its staged statistics.
+
+        Raises:
+            CalibrationError: If an observed value was NaN/Inf (nothing is counted then).
+        """
+        stacks = [(g, g.stacked()) for g in self.groups]
+        for _, st in stacks:
+            if st is not None and not math.isfinite(float(st[0].sum())):
+                self._raise_first_nonfinite()  # (a finite sum overflowing to inf is a false alarm)
+        for g, st in stacks:
+            if st is not None:
+                g.apply(*st)
+        self._done.clear()
+        self._calls.clear()
+
+    def close(self) -> None:
+        """End of calibration: the observers get buffers of their own again."""
+        for g in self.groups:
+            g.detach()
+
+    # ---------------------------------------------------------------------------------------- feeds
+
+    def _raise_first_nonfinite(self) -> None:
+        for g, j, o in self._order:
+            if g.rows[j]:
+                o._check_finite(g.hi[j], g.lo[j])
+
+    def _extremes_feed(
+        self,
+        i: int,
+        obs: ChannelMinMaxObserver,
+        g: _ExtremesGroup,
+        j: int,
+        extras: list[Callable[[torch.Tensor], None]],
+    ) -> Callable[[torch.Tensor], None]:
+        k, name = obs.in_features, obs.name
+        his, los, rows_ = g.hi, g.lo, g.rows
+        done, calls = self._done, self._calls
+        n_up = len(extras)
+        dims = _REDUCE_DIMS
+        f32 = torch.float32
+
+        def observe(x: torch.Tensor) -> None:
+            if x.shape[-1] != k:
+                raise CalibrationError(f"{name}: observed last dim {x.shape[-1]}, expected {k}")
+            rows = x.numel() // k
+            if rows == 0:
+                return
+            nd = x.dim()
+            if nd == 2:
+                hi, lo = x.amax(0), x.amin(0)
+            elif 2 < nd < len(dims):
+                hi, lo = x.amax(dims[nd]), x.amin(dims[nd])
+            else:
+                flat = x.reshape(-1, k)
+                hi, lo = flat.amax(0), flat.amin(0)
+            if hi.dtype != f32:
+                hi, lo = hi.float(), lo.float()
+            if rows_[j]:  # a second call in one item
+                hi, lo = torch.maximum(his[j], hi), torch.minimum(los[j], lo)
+            his[j], los[j] = hi, lo
+            rows_[j] += rows
+            if extras:
+                # the sums must never see NaN/Inf (a histogram range would grow forever): check now
+                if not math.isfinite(float((hi - lo).sum())):
+                    self._raise_first_nonfinite()
+                start = calls.get(i, 0) * n_up
+                calls[i] = calls.get(i, 0) + 1
+                d = max(done.get(i, 0), start)
+                if d < start + n_up:
+                    flat = x.detach().reshape(-1, k)
+                    while d < start + n_up:
+                        extras[d - start](flat)
+                        d += 1
+                        done[i] = d
+
+        return observe
+
+    def _plain_feed(self, i: int, obs: Any) -> Callable[[torch.Tensor], None]:
+        done, calls = self._done, self._calls
+
+        def observe(x: torch.Tensor) -> None:
+            c = calls.get(i, 0)
+            calls[i] = c + 1
+            if done.get(i, 0) <= c:
+                obs(x)
+                done[i] = c + 1
+
+        return observe
 
 
 def merge_observers(observers: Sequence[ChannelMinMaxObserver]) -> ChannelMinMaxObserver | None:
