@@ -1142,9 +1142,8 @@ def markdown_rows(result: dict[str, Any]) -> list[str]:
         status = r.get("status", "")
         if status != "ok":
             status = f"{status}: {str(r.get('note', ''))[:80]}".replace("|", "/")
-        w = ""
-        if r.get("weight_gib") is not None:
-            w = f"{_fmt(r['weight_gib'])} ({_fmt(r.get('weight_ratio_vs_bf16'), '.3f')})"
+        wb = (r.get("weight_bytes") or {}).get("total")
+        w = f"{wb / 2**30:.3g} ({_fmt(r.get('weight_ratio_vs_bf16'), '.3f')})" if wb is not None else ""
         rows.append(
             f"| {r['name']} | {status} | {_fmt(r.get('ms_per_step'))} | {_fmt(r.get('speedup_vs_bf16_compile'))} | "
             f"{_fmt(r.get('speedup_vs_bf16_eager'))} | {_fmt(r.get('peak_gib'))} | {w} | "

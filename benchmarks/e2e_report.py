@@ -243,11 +243,8 @@ def markdown_report(
         status = r.get("status", "")
         if status != "ok":
             status = f"{status}: {str(r.get('note', ''))[:90]}".replace("|", "/")
-        w = (
-            f"{_fmt(r.get('weight_gib'))} ({_fmt(r.get('weight_ratio_vs_bf16'), '.3f')})"
-            if r.get("weight_gib") is not None
-            else ""
-        )
+        wb = (r.get("weight_bytes") or {}).get("total")
+        w = f"{wb / 2**30:.3g} ({_fmt(r.get('weight_ratio_vs_bf16'), '.3f')})" if wb is not None else ""
         lines.append(
             f"| {r['model']} | {r['batch']} | {r['name']} | {r['run']} | {status} | {_fmt(r.get('ms_per_step'))} | "
             f"{_fmt(r.get('speedup_vs_bf16_compile'))} | {_fmt(r.get('speedup_vs_bf16_eager'))} | "
@@ -258,8 +255,8 @@ def markdown_report(
     if prof:
         lines += [
             "",
-            "Profile (GPU kernel time per step, ms, and share; `quantize` includes Inductor kernels that fused a "
-            "decomposed quantize into a neighbour):",
+            "Profile per step, ms (share): GPU kernel time on CUDA runs, CPU self time of ops on CPU runs; "
+            "`quantize` includes Inductor kernels that fused a decomposed quantize into a neighbour:",
             "",
             "| model | batch | variant | run | GEMM | quantize | attention | conv | other | top kernel |",
             "|---|---:|---|---:|---:|---:|---:|---:|---:|---|",
@@ -305,9 +302,9 @@ def plot_speedups(results: list[dict[str, Any]], path: str | os.PathLike[str]) -
         {n for (_, _, n), r in latest.items() if n != base and r.get(key)},
         key=lambda n: ({"bf16": 0, "torchao": 1, "segquant": 2}.get(n.split("_", 1)[0], 3), n),
     )
-    fig, ax = plt.subplots(figsize=(max(6.0, 1.2 + 0.35 * len(names) * max(1, len(groups))), 4.5))
+    fig, ax = plt.subplots(figsize=(min(16.0, max(6.0, 1.2 + 0.3 * len(names) * max(1, len(groups)))), 4.5))
     width = 0.8 / max(1, len(names))
-    cmap = plt.get_cmap("tab20")
+    cmap = plt.get_cmap("tab10" if len(names) <= 10 else "tab20")
     for j, n in enumerate(names):
         xs, ys = [], []
         for i, (m, b) in enumerate(groups):
@@ -315,7 +312,10 @@ def plot_speedups(results: list[dict[str, Any]], path: str | os.PathLike[str]) -
             if r and r.get(key):
                 xs.append(i - 0.4 + width * (j + 0.5))
                 ys.append(r[key])
-        bars = ax.bar(xs, ys, width, label=n, color=cmap(j % 20))
+        hatch = "//" if n.endswith("_eager") else None  # eager variants hatched, compiled ones solid
+        bars = ax.bar(
+            xs, ys, width, label=n, color=cmap(j % cmap.N), hatch=hatch, edgecolor="white", linewidth=0
+        )
         for bar, y in zip(bars, ys, strict=True):
             ax.annotate(
                 f"{y:.2f}", (bar.get_x() + bar.get_width() / 2, y), ha="center", va="bottom", fontsize=6
@@ -331,6 +331,14 @@ def plot_speedups(results: list[dict[str, Any]], path: str | os.PathLike[str]) -
                 linewidth=0.8,
             )
     ax.axhline(1.0, color="grey", linewidth=0.8)
+    if base == "bf16_compile":
+        ax.text(
+            0.0,
+            1.01,
+            "dashed: issue targets (red FP8, black INT8); hatched: eager",
+            transform=ax.transAxes,
+            fontsize=7,
+        )
     ax.set_xticks(range(len(groups)))
     ax.set_xticklabels([f"{m}\nbatch {b}" for m, b in groups])
     ax.set_ylabel(f"speedup over {base.replace('_', ' ')} (same run)")
