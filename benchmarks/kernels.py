@@ -75,7 +75,7 @@ FULL_KN = (
     (6144, 1536),
 )
 QUICK_M = (1, 16, 4096)
-QUICK_KN = ((3072, 3072), (3072, 12288), (12288, 3072))
+QUICK_KN = ((3072, 3072), (3072, 12288), (12288, 3072), (1536, 1536))
 L2_BYTES = 50 * 2**20
 DEVICE = "cuda"  # --device cpu: a smoke test of this script on a machine without a GPU
 VARIANTS = (

@@ -72,23 +72,24 @@ struct SegCollective : Base {
     SegTable seg;
   };
 
-  // problem_shape K is A's (and the k-loop's) extent: halves * K_B.
+  // problem_shape K is A's (and the k-loop's) extent: halves * K_B; B's tensor map covers [N, K_B] only
+  // (the k-loop wraps onto it for DualScale).
   template <class ProblemShape>
-  static Params to_underlying_arguments(ProblemShape const& problem_shape, Arguments const& args,
-                                                  void* workspace) {
+  static Params to_underlying_arguments(ProblemShape const& problem_shape, Arguments const& args, void*) {
     auto [M, N, K, L] = append<4>(problem_shape, 1);
     int const KB = K / args.seg.halves;
-    typename Base::Arguments base_args{args.ptr_A, args.dA, args.ptr_B, args.dB};
-    typename Base::Params base = Base::to_underlying_arguments(cute::make_shape(M, N, K, L), base_args, workspace);
-    // B's tensor map covers [N, K_B] only: the k-loop wraps onto it (DualScale).
+    auto ptr_A = reinterpret_cast<InternalElementA const*>(args.ptr_A);
     auto ptr_B = reinterpret_cast<InternalElementB const*>(args.ptr_B);
+    Tensor tensor_a = make_tensor(ptr_A, make_layout(make_shape(M, K, L), args.dA));
     Tensor tensor_b = make_tensor(ptr_B, make_layout(make_shape(N, KB, L), args.dB));
-    base.tma_load_b = make_tma_copy_B_sm90(GmemTiledCopyB{}, tensor_b, SmemLayoutB{}(_, _, cute::Int<0>{}),
-                                           TileShape{}, typename DispatchPolicy::ClusterShape{});
-    Params p;
-    static_cast<typename Base::Params&>(p) = base;
-    p.seg = args.seg;
-    return p;
+    using ClusterShape = typename DispatchPolicy::ClusterShape;
+    auto tma_load_a = make_tma_copy_A_sm90(GmemTiledCopyA{}, tensor_a, SmemLayoutA{}(_, _, cute::Int<0>{}),
+                                           TileShape{}, ClusterShape{});
+    auto tma_load_b = make_tma_copy_B_sm90(GmemTiledCopyB{}, tensor_b, SmemLayoutB{}(_, _, cute::Int<0>{}),
+                                           TileShape{}, ClusterShape{});
+    typename Base::Params base{tma_load_a, tma_load_b, Base::TmaTransactionBytes, Base::TmaTransactionBytesMK,
+                               Base::TmaTransactionBytesNK};
+    return Params{base, args.seg};
   }
 
   template <class ProblemShape>

@@ -30,8 +30,14 @@ torch.cuda.get_device_name(), torch.cuda.get_device_capability())" 2>&1
   echo "sm_90a matrix instructions in the library:"
   cuobjdump -sass kernels_cuda/build/libsegquant_kernels.so 2>&1 | grep -oE "\b(IGMMA|QGMMA|HGMMA|IMMA|HMMA)\.[A-Z0-9]+" \
     | sort | uniq -c | head -12
+  # registers / stack / local memory of every GEMM kernel (spills show as STACK or LOCAL > 0)
+  echo "GEMM kernel resources (REG, STACK, SHARED, LOCAL):"
+  cuobjdump --dump-resource-usage kernels_cuda/build/libsegquant_kernels.so 2>&1 \
+    | grep -A1 -E "Function .*(Gemm|gemm|Seg)" | grep -oE "REG:[0-9]+ STACK:[0-9]+ SHARED:[0-9]+ LOCAL:[0-9]+" \
+    | sort | uniq -c | head -12
   "$PY" -c "from segquant_fx.ops import cuda_kernels as c; print('library', c.library_path(), \
-'gemm', c.has_gemm(), 'registered', c.registered_ops(), 'reason', c.unavailable_reason())" 2>&1
+'gemm', c.has_gemm(), 'segmented gemm', c.has_segmented_gemm(), 'registered', c.registered_ops(), \
+'reason', c.unavailable_reason())" 2>&1
 } > "$OUT/env.txt"
 
 summary=()
