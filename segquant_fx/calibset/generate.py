@@ -101,13 +101,14 @@ def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
     return {prefix[:-1]: d}
 
 
+_ABSENT = "<absent>"
+
+
 def _first_difference(old: dict[str, Any], new: dict[str, Any]) -> tuple[str, Any, Any] | None:
     a, b = _flatten(old), _flatten(new)
     for key in [*a, *(k for k in b if k not in a)]:
-        if json.dumps(a.get(key, "<absent>"), sort_keys=True) != json.dumps(
-            b.get(key, "<absent>"), sort_keys=True
-        ):
-            return key, a.get(key, "<absent>"), b.get(key, "<absent>")
+        if json.dumps(a.get(key, _ABSENT), sort_keys=True) != json.dumps(b.get(key, _ABSENT), sort_keys=True):
+            return key, a.get(key, _ABSENT), b.get(key, _ABSENT)
     return None
 
 
@@ -170,9 +171,13 @@ class _Store:
         diff = _first_difference(manifest["settings"], settings)
         if diff is not None:
             key, old, new = diff
+
+            def show(value: Any) -> str:
+                return f"{key} unset" if value == _ABSENT else f"{key}={value!r}"
+
             raise ConfigError(
-                f"dump_path {root} holds a calibration set made with {key}={old!r}, but this run has "
-                f"{key}={new!r}; use another dump_path, or the same settings to resume or reuse it"
+                f"dump_path {root} holds a calibration set made with {show(old)}, but this run has "
+                f"{show(new)}; use another dump_path, or the same settings to resume or reuse it"
             )
         store.chunks = list(manifest["chunks"])
         store.num_items = int(manifest["num_items"])

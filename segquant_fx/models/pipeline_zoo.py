@@ -621,6 +621,8 @@ def load_pipeline(
             if torch_dtype is not None:
                 cn_kwargs["torch_dtype"] = torch_dtype
             controlnet = cn_cls.from_pretrained(cn_root, **cn_kwargs)
+            if torch_dtype is not None:  # diffusers 0.42 loads some ControlNets in float32 regardless
+                controlnet = controlnet.to(torch_dtype)
         family = adapter_class(class_name).segquant_family
         class_name = {"sd3": "StableDiffusion3ControlNetPipeline", "flux": "FluxControlNetPipeline"}.get(
             family, ""
