@@ -1,0 +1,292 @@
+"""segquant-fx calibrate / quantize (pipeline mode) / generate, through segquant_fx.cli.main."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import segquant_fx
+from segquant_fx.calibset import load_calibrate_set
+from segquant_fx.cli import main
+
+SMALL = ["--height", "32", "--width", "32", "--max-sequence-length", "16", "--quiet"]
+
+
+def test_calibrate_quantize_generate(tmp_path, capsys):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("# calibration prompts\na fox\n\nred car\nblue sky\n")
+    calib = tmp_path / "calib"
+    assert (
+        main(
+            [
+                "calibrate",
+                "--pipeline",
+                "tiny-sd3",
+                "--prompts",
+                str(prompts),
+                "--out",
+                str(calib),
+                "--steps",
+                "3",
+                "--timesteps-per-sample",
+                "2",
+                "--num-prompts",
+                "2",
+                "--chunk-size",
+                "3",
+                *SMALL,
+            ]
+        )
+        == 0
+    )
+    out = capsys.readouterr().out
+    assert (
+        "4 calibration items of 'transformer' from 2 prompts (3 steps, 2 sampled per prompt, uniform)" in out
+    )
+    cs = load_calibrate_set(calib)
+    assert len(cs) == 4 and len(cs.chunks) == 2 and cs.settings["pipeline"]["kwargs"]["height"] == 32
+
+    config = tmp_path / "w8a8.json"
+    config.write_text(json.dumps(segquant_fx.QuantizeConfig.coerce("w8a8").to_dict()))
+    qdir = tmp_path / "q"
+    assert (
+        main(
+            [
+                "quantize",
+                "--pipeline",
+                "tiny-sd3",
+                "--calib-set",
+                str(calib),
+                "--config",
+                str(config),
+                "--out",
+                str(qdir),
+                "--quiet",
+            ]
+        )
+        == 0
+    )
+    out = capsys.readouterr().out
+    assert (
+        "tiny-sd3 transformer: 32 layers quantized with" in out
+        and "on 4 items" in out
+        and f"saved to {qdir}" in out
+    )
+    assert segquant_fx.load(str(qdir)).meta["calibration_items"] == 4
+
+    run = ["--pipeline", "tiny-sd3", "--prompts", str(prompts), "--steps", "2", "--num-prompts", "2", *SMALL]
+    assert main(["generate", *run, "--out", str(tmp_path / "float")]) == 0
+    assert main(["generate", *run, "--quantized", str(qdir), "--out", str(tmp_path / "quant")]) == 0
+    assert (
+        main(
+            [
+                "generate",
+                *run,
+                "--quantized",
+                str(qdir),
+                "--stepper",
+                "identity:uncond",
+                "--out",
+                str(tmp_path / "id"),
+            ]
+        )
+        == 0
+    )
+    out = capsys.readouterr().out
+    assert "tiny-sd3, quantized backbone from" in out and "2 images with IdentityStepper written to" in out
+    index = [json.loads(line) for line in (tmp_path / "quant" / "images.jsonl").read_text().splitlines()]
+    assert index == [
+        {"file": "00000.png", "prompt": "a fox", "seed": 0},
+        {"file": "00001.png", "prompt": "red car", "seed": 1},
+    ]
+
+    def png(d, f="00000.png"):
+        return np.asarray(Image.open(tmp_path / d / f))
+
+    assert png("quant").shape == (32, 32, 3)
+    assert Image.open(tmp_path / "quant" / "grid.png").size == (64, 32)
+    assert np.array_equal(png("quant"), png("id"))  # identity stepper: same image
+    assert not np.array_equal(png("quant"), png("float"))  # quantized: a (slightly) different image
+    assert np.abs(png("quant").astype(int) - png("float").astype(int)).mean() < 25
+
+
+def test_quantize_without_new_options_keeps_original(monkeypatch):
+    import segquant_fx.cli as cli
+
+    seen = []
+    monkeypatch.setattr(cli, "_cmd_quantize", lambda args: seen.append(args.model) or 7)
+    assert main(["quantize"]) == 7 and seen == ["tiny-sd35"]
+    assert main(["quantize", "--model", "tiny-flux", "--preset", "w8a16"]) == 7 and seen[-1] == "tiny-flux"
+
+
+def test_calibrate_resume_and_mismatch_via_cli(tmp_path, capsys):
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text('{"prompt": "a fox"}\n{"prompt": "red car"}\n')
+    args = [
+        "calibrate",
+        "--pipeline",
+        "tiny-sd3",
+        "--prompts",
+        str(prompts),
+        "--out",
+        str(tmp_path / "c"),
+        "--steps",
+        "2",
+        "--sampler",
+        "base",
+        "--timesteps-per-sample",
+        "1",
+        *SMALL,
+    ]
+    assert main(args) == 0
+    assert main(args) == 0  # complete: reused
+    assert main([*args, "--guidance-scale", "3"]) == 1
+    err = capsys.readouterr().err
+    assert "segquant-fx calibrate: error: dump_path" in err and "pipeline.kwargs.guidance_scale=3.0" in err
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (
+            ["calibrate", "--pipeline", "tiny-sd9", "--prompts", "{p}", "--out", "{t}/c"],
+            "neither a built-in pipeline",
+        ),
+        (
+            ["calibrate", "--pipeline", "tiny-sd3", "--prompts", "{t}/none.txt", "--out", "{t}/c"],
+            "does not exist",
+        ),
+        (
+            ["calibrate", "--pipeline", "tiny-sd3", "--prompts", "{p}", "--out", "{t}/c", "--mean", "3"],
+            "--mean is a setting of --sampler normal",
+        ),
+        (
+            [
+                "calibrate",
+                "--pipeline",
+                "tiny-sd3",
+                "--prompts",
+                "{p}",
+                "--out",
+                "{t}/c",
+                "--calib-layer",
+                "unet",
+            ],
+            "has no 'unet' component",
+        ),
+        (
+            ["calibrate", "--pipeline", "tiny-sd3-controlnet", "--prompts", "{p}", "--out", "{t}/c"],
+            "needs control images",
+        ),
+        (
+            [
+                "calibrate",
+                "--pipeline",
+                "tiny-sdxl",
+                "--prompts",
+                "{p}",
+                "--out",
+                "{t}/c",
+                "--max-sequence-length",
+                "8",
+            ],
+            "not SDXL",
+        ),
+        (
+            [
+                "calibrate",
+                "--pipeline",
+                "tiny-sd3",
+                "--prompts",
+                "{p}",
+                "--out",
+                "{t}/c",
+                "--controlnet-scale",
+                "1",
+            ],
+            "needs a ControlNet pipeline",
+        ),
+        (
+            [
+                "generate",
+                "--pipeline",
+                "tiny-sd3",
+                "--prompts",
+                "{p}",
+                "--out",
+                "{t}/g",
+                "--stepper",
+                "{t}/none",
+            ],
+            "no such file",
+        ),
+        (
+            [
+                "generate",
+                "--pipeline",
+                "tiny-sd3",
+                "--prompts",
+                "{p}",
+                "--out",
+                "{t}/g",
+                "--quantized",
+                "{t}/none",
+            ],
+            "none",
+        ),
+        (
+            [
+                "generate",
+                "--pipeline",
+                "tiny-sd3",
+                "--prompts",
+                "{p}",
+                "--out",
+                "{t}/g",
+                "--controlnet",
+                "{t}",
+            ],
+            "--controlnet is for local pipelines",
+        ),
+        (["generate", "--pipeline", "{t}", "--prompts", "{p}", "--out", "{t}/g"], "has no model_index.json"),
+        (["quantize", "--pipeline", "tiny-sd3"], "needs --calib-set"),
+        (["quantize", "--model", "tiny-sd3", "--config", "{t}/cfg.txt"], "no such file"),
+        (["quantize", "--model", "tiny-sd3", "--config", "{p}"], "unknown extension '.txt'"),
+        (["quantize", "--model", "{t}"], "needs config.json"),
+    ],
+)
+def test_errors(tmp_path, capsys, argv, message):
+    p = tmp_path / "p.txt"
+    p.write_text("a fox\n")
+    argv = [a.format(p=p, t=tmp_path) for a in argv]
+    assert main([*argv, "--quiet"]) == 1
+    err = capsys.readouterr().err
+    assert f"segquant-fx {argv[0]}: error:" in err and message in err
+
+
+def test_quantize_calib_set_from_other_backbone(tmp_path, capsys):
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a fox\n")
+    calib = tmp_path / "c"
+    assert (
+        main(
+            [
+                "calibrate",
+                "--pipeline",
+                "tiny-sd35",
+                "--prompts",
+                str(prompts),
+                "--out",
+                str(calib),
+                "--steps",
+                "1",
+                *SMALL,
+            ]
+        )
+        == 0
+    )
+    assert main(["quantize", "--model", "tiny-sd3", "--calib-set", str(calib), "--quiet"]) == 1
+    assert "was recorded from a backbone with another config than tiny-sd3" in capsys.readouterr().err
