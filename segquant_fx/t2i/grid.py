@@ -53,7 +53,7 @@ def encode_png(image: torch.Tensor) -> bytes:
         (image.detach().float().cpu().clamp(0, 1) * 255.0 + 0.5).to(torch.uint8).permute(1, 2, 0).contiguous()
     )
     h, w, _ = arr.shape
-    raw = arr.numpy().tobytes()
+    raw = bytes(arr.reshape(-1).tolist())  # no numpy needed
     stride = w * 3
     # filter type 0 (None) in front of every scanline
     data = b"".join(b"\x00" + raw[y * stride : (y + 1) * stride] for y in range(h))
