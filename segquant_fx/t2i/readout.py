@@ -4,8 +4,9 @@ The read-out is rule-based and exact on clean generator images:
 
 1. every pixel gets the nearest :data:`~segquant_fx.t2i.data.PALETTE` color;
 2. the background is the most frequent color;
-3. every other color covering at least ``min_pixels`` pixels is an object (objects of one scene have
-   different colors, so a color names an object);
+3. every other color covering at least ``min_pixels`` pixels, some of them interior (all four
+   neighbours the same color), is an object (objects of one scene have different colors, so a color
+   names an object; blended edges of generated images that map to a third color are thin, not objects);
 4. each object's mask is compared (IoU) with a bank of every template the generator can draw (4 shapes x
    2 sizes x 5 positions x 9 jitters = 360 masks, one matrix product); the best template gives shape,
    size and position. On a clean image the true template has IoU 1 and no other template reaches it;
@@ -52,6 +53,7 @@ __all__ = [
     "frechet_distance",
     "template_bank",
     "FEATURE_DIM",
+    "QUALITY_WEIGHT",
 ]
 
 #: Attributes :func:`score_adherence` reports, plus ``"overall"``.
@@ -96,7 +98,8 @@ class Readout:
         labels: ``[B, H, W]`` nearest palette color per pixel.
         background: ``[B]`` most frequent color.
         counts: ``[B, C]`` pixels per color.
-        is_object: ``[B, C]`` colors read as objects (not background, at least ``min_pixels`` pixels).
+        interior: ``[B, C]`` pixels per color whose four neighbours have the same color.
+        is_object: ``[B, C]`` colors read as objects (not background, enough pixels and interior pixels).
         shape: ``[B, C]`` best template's shape per color (meaningful where ``is_object``).
         size: ``[B, C]`` best template's size.
         position: ``[B, C]`` best template's position.
@@ -106,6 +109,7 @@ class Readout:
     labels: torch.Tensor
     background: torch.Tensor
     counts: torch.Tensor
+    interior: torch.Tensor
     is_object: torch.Tensor
     shape: torch.Tensor
     size: torch.Tensor
@@ -130,8 +134,12 @@ def _check_images(images: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def read_attributes(images: torch.Tensor, *, min_pixels: int = 12) -> Readout:
-    """Read background, objects and their attributes from ``images`` (``[B, 3, 32, 32]`` in ``[0, 1]``)."""
+def read_attributes(images: torch.Tensor, *, min_pixels: int = 12, min_interior: int = 6) -> Readout:
+    """Read background, objects and their attributes from ``images`` (``[B, 3, 32, 32]`` in ``[0, 1]``).
+
+    A non-background color is an object if it covers at least ``min_pixels`` pixels of which at least
+    ``min_interior`` have all four neighbours of the same color (thin blended edges are not objects).
+    """
     x = _check_images(images)
     dev = x.device
     palette = device_tables(dev)["palette"]
@@ -142,7 +150,19 @@ def read_attributes(images: torch.Tensor, *, min_pixels: int = 12) -> Readout:
     onehot = torch.nn.functional.one_hot(labels.reshape(b, -1), nc).float()  # [B, HW, C]
     counts = onehot.sum(1)
     background = counts.argmax(1)
-    is_object = (counts >= min_pixels) & (torch.arange(nc, device=dev)[None] != background[:, None])
+    # interior pixels: all four neighbours have the same color. Blended edges between two colors of a
+    # generated image can map to a third palette color (red/blue edge pixels are nearest to gray); such
+    # thin rings have no interior, while every template has at least 12 interior pixels.
+    same = onehot.transpose(1, 2).reshape(b, nc, IMAGE_SIZE, IMAGE_SIZE)
+    pad = torch.nn.functional.pad(same, (1, 1, 1, 1))
+    interior = (
+        same * pad[..., :-2, 1:-1] * pad[..., 2:, 1:-1] * pad[..., 1:-1, :-2] * pad[..., 1:-1, 2:]
+    ).sum((2, 3))
+    is_object = (
+        (counts >= min_pixels)
+        & (interior >= min_interior)
+        & (torch.arange(nc, device=dev)[None] != background[:, None])
+    )
     masks, attrs = template_bank(dev)
     # one GEMM: [B*C, HW] @ [HW, K] (einsum's path was ~10x slower on CPU)
     inter = (onehot.transpose(1, 2).reshape(b * nc, -1) @ masks.T).reshape(b, nc, -1)  # [B, C, K]
@@ -153,6 +173,7 @@ def read_attributes(images: torch.Tensor, *, min_pixels: int = 12) -> Readout:
         labels=labels,
         background=background,
         counts=counts.long(),
+        interior=interior.long(),
         is_object=is_object,
         shape=attrs[best, 0],
         size=attrs[best, 1],
@@ -252,6 +273,8 @@ FEATURE_DIM = 64
 
 
 _PURITY_BINS = (0.05, 0.1, 0.2, 0.3, 0.5)
+#: Weight of the quality features (purity, edges, objects) relative to the content features.
+QUALITY_WEIGHT = 4.0
 
 
 @torch.no_grad()
@@ -266,8 +289,9 @@ def image_features(images: torch.Tensor, *, temperature: float = 0.05) -> torch.
     * objects (8): number of objects read, mean and minimum template IoU of the objects, their shape
       histogram (4), object area fraction; clean images have IoU 1.
 
-    The quality features are (nearly) constant on clean generator images, so noise, blur, color drift
-    or broken shapes move the distance far more than sampling noise of the content features does.
+    The quality features (weighted by :data:`QUALITY_WEIGHT`) are (nearly) constant on clean generator
+    images, so noise, blur, color drift or broken shapes move the distance far more than the sampling
+    noise of the content features does.
     """
     x = _check_images(images)
     b = x.shape[0]
@@ -299,7 +323,8 @@ def image_features(images: torch.Tensor, *, temperature: float = 0.05) -> torch.
     shapes = torch.nn.functional.one_hot(ro.shape, len(SHAPES)).float() * obj[..., None]
     area = (ro.counts.float() * obj).sum(1) / float(IMAGE_SIZE * IMAGE_SIZE)
     objects = torch.cat([n[:, None], iou_mean[:, None], iou_min[:, None], shapes.sum(1), area[:, None]], 1)
-    return torch.cat([occ, purity, edges, objects], 1)
+    # quality features weighted up so that they, not the sampling noise of the content features, dominate
+    return torch.cat([occ, QUALITY_WEIGHT * purity, QUALITY_WEIGHT * edges, QUALITY_WEIGHT * objects], 1)
 
 
 def _sqrtm_psd(m: torch.Tensor) -> torch.Tensor:
