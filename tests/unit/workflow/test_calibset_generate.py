@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -163,6 +164,22 @@ def test_resume_after_interruption_equals_uninterrupted(make_pipe, tmp_path):
     assert counted == [] and len(again) == 8
 
 
+MISMATCH_KW = dict(
+    num_inference_steps=2, timestep_per_sample=2, chunk_size=3, progress=False, **run_kwargs("tiny-sd3")
+)
+
+
+@pytest.fixture(scope="module")
+def mismatch_base(tmp_path_factory):
+    from segquant_fx.models.pipeline_zoo import build_pipeline
+
+    path = tmp_path_factory.mktemp("mismatch") / "c"
+    generate_calibrate_set(
+        build_pipeline("tiny-sd3"), UniformSampler(), PROMPTS[:2], dump_path=path, **MISMATCH_KW
+    )
+    return path
+
+
 @pytest.mark.parametrize(
     ("change", "match"),
     [
@@ -173,25 +190,22 @@ def test_resume_after_interruption_equals_uninterrupted(make_pipe, tmp_path):
         ({"sampler": BaseSampler()}, r"sampler\.type='UniformSampler'.*'BaseSampler'"),
         ({"timestep_per_sample": 3}, r"timestep_per_sample=2.*timestep_per_sample=3"),
         ({"chunk_size": 5}, r"chunk_size=3"),
-        ({"calib_layer": "controlnet"}, "no 'controlnet' component"),
+        ({"seed": 1}, r"made with seed=0, but this run has seed=1"),
         ({"prompts": ["a fox", "other"]}, "prompt 1 differs"),
         ({"prompts": PROMPTS[:1]}, "holds a calibration set of 2 prompts, but sample_dataloader gave 1"),
     ],
 )
-def test_settings_mismatch_is_named(make_pipe, tmp_path, change, match):
+def test_settings_mismatch_is_named(make_pipe, mismatch_base, tmp_path, change, match):
     pipe = make_pipe("tiny-sd3")
-    kw = dict(
-        num_inference_steps=2, timestep_per_sample=2, chunk_size=3, progress=False, **run_kwargs("tiny-sd3")
-    )
-    generate_calibrate_set(pipe, UniformSampler(), PROMPTS[:2], dump_path=tmp_path / "c", **kw)
+    shutil.copytree(mismatch_base, tmp_path / "c")
+    kw = dict(MISMATCH_KW)
     before = (tmp_path / "c" / "manifest.json").read_text()
-    kw.update({k: v for k, v in change.items() if k not in ("sampler", "prompts", "calib_layer")})
+    kw.update({k: v for k, v in change.items() if k not in ("sampler", "prompts")})
     with pytest.raises(ConfigError, match=match):
         generate_calibrate_set(
             pipe,
             change.get("sampler", UniformSampler()),
             change.get("prompts", PROMPTS[:2]),
-            change.get("calib_layer", "transformer"),
             dump_path=tmp_path / "c",
             **kw,
         )

@@ -1,6 +1,6 @@
 """The three-step workflow on tiny pipelines: generate_calibrate_set -> quantize -> generate (with a stepper).
 
-One test per family (and one for a quantized ControlNet): the calibration set's items feed
+One test per family (a quantized ControlNet: test_workflow_cli.py): the calibration set's items feed
 ``segquant_fx.quantize`` directly, the quantized backbone drops into the pipeline, which then runs
 unchanged, with and without a stepper.
 """
@@ -30,7 +30,6 @@ CASES = [
     ),
     ("tiny-flux", "transformer", {"hidden_states", "img_ids", "txt_ids", "guidance", "timestep"}, "text"),
     ("tiny-sdxl", "unet", {"sample", "timestep", "encoder_hidden_states", "added_cond_kwargs"}, "uncond"),
-    ("tiny-flux-controlnet", "controlnet", {"hidden_states", "controlnet_cond", "conditioning_scale"}, "all"),
 ]
 
 
