@@ -14,6 +14,7 @@
 
 from __future__ import annotations
 
+import copy
 import importlib.metadata
 import inspect
 import itertools
@@ -28,6 +29,7 @@ from torch.utils import _pytree as pytree
 
 from segquant_fx.capture import capture, normalize_example
 from segquant_fx.config import QuantizeConfig, check_supported
+from segquant_fx.distributed import calibrate_sharded, map_items, resolve_distributed
 from segquant_fx.errors import CalibrationError, ConfigError
 from segquant_fx.optim.pipeline import optimize
 from segquant_fx.optim.search import SearchState
@@ -128,6 +130,7 @@ def quantize(
     progress: bool = True,
     max_items: int | None = None,
     search_state: str | os.PathLike[str] | None = None,
+    distributed: Any = None,
 ) -> QuantizedModel:
     """Quantize ``model`` with SegQuant (SegLinear + DualScale) and return a :class:`QuantizedModel`.
 
@@ -150,6 +153,12 @@ def quantize(
         max_items: Use at most this many calibration items.
         search_state: JSON file of the alpha search (overrides ``search_alpha_config.state_file``):
             evaluated points found there are skipped, new ones are written after every layer.
+        distributed: Share the calibration items among the processes of a ``torch.distributed``
+            group (``torchrun``): None (automatic: when it is initialized with several processes),
+            True, False, or a ``ProcessGroup``. Every process passes the same model, items and config;
+            each calibrates its share, the statistics are reduced, and every process returns the
+            model a single process would (bit-identical except GPTQ's Hessian summation order; see
+            :mod:`segquant_fx.distributed`). Only process 0 writes the alpha-search state.
 
     Returns:
         The quantized model; ``.plan`` and ``.report()`` describe every quantized layer,
@@ -175,13 +184,24 @@ def quantize(
     cfg = QuantizeConfig.coerce(config, known_patterns=PATTERNS)
     check_supported(cfg, SUPPORTED_OPT, SUPPORTED_CALIB)
 
+    ctx = resolve_distributed(distributed)
     t0 = time.perf_counter()
     first, items = _first_and_rest(calib_data_loader)
-    items = map(_unbatch, items)
-    prepared = prepare(model, _unbatch(first) if example is None else example, cfg, dynamic=dynamic)
+    items = map_items(_unbatch, items)  # keeps len / indexing: a process reads only its share
+    try:
+        prepared = prepare(model, _unbatch(first) if example is None else example, cfg, dynamic=dynamic)
+    except Exception as e:
+        if ctx is not None:  # the others are waiting in calibrate_and_finish's first check
+            ctx.sync("quantize", error=e)
+        raise
     qmodel = calibrate_and_finish(
-        prepared, items, progress=progress, max_items=max_items, search_state=search_state,
+        prepared,
+        items,
+        progress=progress,
+        max_items=max_items,
+        search_state=search_state,
         timings={"prepare": time.perf_counter() - t0},
+        distributed=ctx,
     )
     if verbose:
         print(prepared.report.to_markdown())
@@ -211,6 +231,7 @@ def calibrate_and_finish(
     max_items: int | None = None,
     search_state: str | os.PathLike[str] | SearchState | None = None,
     timings: dict[str, float] | None = None,
+    distributed: Any = None,
 ) -> QuantizedModel:
     """The back half of :func:`quantize`: one calibration pass, the optimizers, the rewrite.
 
@@ -222,20 +243,47 @@ def calibrate_and_finish(
         search_state: Alpha-search state: a JSON path (resumed and written) or a
             :class:`~segquant_fx.optim.search.SearchState`; default ``search_alpha_config.state_file``.
         timings: Phase timings measured before (added to ``meta["timings"]``).
+        distributed: As in :func:`quantize` (``items`` is then the whole set, in every process).
 
     Returns:
         The quantized model.
     """
+    ctx = resolve_distributed(distributed)
     timings = dict(timings or {})
     t = time.perf_counter()
-    observers, n_items = calibrate(
-        prepared.gm, items, prepared.signature, prepared.constants, progress=progress, max_items=max_items
-    )
+    extra: dict[str, Any] = {}
+    if ctx is None:
+        observers, n_items = calibrate(
+            prepared.gm, items, prepared.signature, prepared.constants, progress=progress, max_items=max_items
+        )
+    else:
+        observers, n_items, per_process = calibrate_sharded(
+            ctx, prepared, items, progress=progress, max_items=max_items
+        )
+        progress = progress and ctx.is_root
+        extra["distributed"] = {
+            "world_size": ctx.world_size,
+            "backend": ctx.backend,
+            "items_per_process": per_process,
+        }
     _sync()
     timings["calibrate"] = time.perf_counter() - t
     state = search_state if isinstance(search_state, SearchState) else SearchState(_state_file(prepared, search_state))
+    if ctx is not None and not ctx.is_root and state.path is not None:
+        state = copy.copy(state)  # the same resumed points; only process 0 writes the file
+        state.path = None
     t = time.perf_counter()
-    tensors, report = optimize(prepared.gm, observers, search_state=state, progress=progress)
+    if ctx is not None:  # everyone has read the state file before process 0 rewrites it
+        ctx.sync("quantize: alpha-search state")
+    error: BaseException | None = None
+    try:
+        tensors, report = optimize(prepared.gm, observers, search_state=state, progress=progress)
+    except Exception as e:
+        if ctx is None:
+            raise
+        error = e
+    if ctx is not None:
+        ctx.sync("quantize: optimizers", error=error)
     del observers
     _sync()
     timings["optimize"] = time.perf_counter() - t
@@ -243,7 +291,7 @@ def calibrate_and_finish(
     qmodel = finish(
         prepared,
         QuantizeRewritePass(precomputed=tensors, progress=progress),
-        extra_meta={"calibration_items": n_items, "optimizer": report.to_dict()},
+        extra_meta={"calibration_items": n_items, "optimizer": report.to_dict(), **extra},
     )
     timings["rewrite"] = time.perf_counter() - t
     qmodel.meta["timings"] = {k: round(v, 4) for k, v in timings.items()}

@@ -112,6 +112,21 @@ def _first_difference(old: dict[str, Any], new: dict[str, Any]) -> tuple[str, An
     return None
 
 
+def _first_difference_message(root: Path | None, old: dict[str, Any], new: dict[str, Any]) -> str | None:
+    diff = _first_difference(old, new)
+    if diff is None:
+        return None
+    key, a, b = diff
+
+    def show(value: Any) -> str:
+        return f"{key} unset" if value == _ABSENT else f"{key}={value!r}"
+
+    return (
+        f"dump_path {root} holds a calibration set made with {show(a)}, but this run has "
+        f"{show(b)}; use another dump_path, or the same settings to resume or reuse it"
+    )
+
+
 # --------------------------------------------------------------------------------------------------
 # the store: chunks on disk (or a list in memory) plus the resume cursor
 # --------------------------------------------------------------------------------------------------
@@ -134,6 +149,8 @@ class _Store:
         self.buffer: list[tuple[dict[str, Any], dict[str, int]]] = []
         self.memory: list[tuple[dict[str, Any], dict[str, int]]] = []
         self.current = (0, 0)  # (prompt index, its items added so far, skipped ones included)
+        #: A chunk never spans two prompts, and chunks record their prompt (distributed parts).
+        self.per_prompt = False
 
     @classmethod
     def create(
@@ -159,8 +176,10 @@ class _Store:
         manifest = read_manifest(root) if root.is_dir() else None
         if manifest is None:
             if root.is_dir() and any(root.iterdir()):
+                parts = (root / "parts").is_dir()
+                hint = " (parts of an interrupted distributed run: resume it with torchrun)" if parts else ""
                 raise ConfigError(
-                    f"dump_path {root} is a non-empty directory without {MANIFEST}; give an empty or new "
+                    f"dump_path {root} is a non-empty directory without {MANIFEST}{hint}; give an empty or new "
                     "directory (nothing in it is overwritten)"
                 )
             root.mkdir(parents=True, exist_ok=True)
@@ -168,17 +187,9 @@ class _Store:
             return store
         if not resume:
             raise ConfigError(f"dump_path {root} already holds a calibration set; give a new directory")
-        diff = _first_difference(manifest["settings"], settings)
-        if diff is not None:
-            key, old, new = diff
-
-            def show(value: Any) -> str:
-                return f"{key} unset" if value == _ABSENT else f"{key}={value!r}"
-
-            raise ConfigError(
-                f"dump_path {root} holds a calibration set made with {show(old)}, but this run has "
-                f"{show(new)}; use another dump_path, or the same settings to resume or reuse it"
-            )
+        msg = _first_difference_message(root, manifest["settings"], settings)
+        if msg is not None:
+            raise ConfigError(msg)
         store.chunks = list(manifest["chunks"])
         store.num_items = int(manifest["num_items"])
         store.cursor = dict(manifest["cursor"])
@@ -237,7 +248,10 @@ class _Store:
         data = encode_chunk(items, infos, self.compress)
         name = f"chunk_{len(self.chunks):05d}.safetensors" + (".zst" if self.compress else "")
         _atomic_write(self.root / name, data)
-        self.chunks.append({"file": name, "items": len(items), "bytes": len(data), "sha256": _digest(data)})
+        entry = {"file": name, "items": len(items), "bytes": len(data), "sha256": _digest(data)}
+        if self.per_prompt:
+            entry["prompt_index"] = int(infos[0]["prompt_index"])
+        self.chunks.append(entry)
         self.num_items += len(items)
         self.buffer.clear()
         p, n = self.current
@@ -245,6 +259,8 @@ class _Store:
         self._write_manifest()
 
     def prompt_done(self, index: int) -> None:
+        if self.per_prompt:
+            self._flush()
         self.current = (index + 1, 0)
         if self.root is not None and not self.buffer:
             self.cursor = {"prompt": index + 1, "skip": 0}
@@ -300,18 +316,28 @@ def _sample(obj: Any, where: str) -> dict[str, Any]:
     )
 
 
-def _samples(loader: Iterable[Any]) -> Iterator[dict[str, Any]]:
-    """Samples of a loader: single samples, or batches (lists, or tuples of non-samples) of them."""
+def _samples(loader: Iterable[Any], keep: Any = None) -> Iterator[dict[str, Any] | None]:
+    """Samples of a loader: single samples, or batches (lists, or tuples of non-samples) of them.
+
+    ``keep(index)`` False: yield None for that sample instead of reading it (another process's prompt).
+    """
     if isinstance(loader, (str, dict)):
         raise ConfigError("sample_dataloader must be an iterable of prompts or samples, not a single one")
+    index = 0
     for n, obj in enumerate(loader):
         if isinstance(obj, list) or (
             isinstance(obj, tuple) and not (len(obj) == 3 and isinstance(obj[0], str))
         ):
             for i, sub in enumerate(obj):
-                yield _sample(sub, f"sample_dataloader batch {n} item {i}")
+                yield (
+                    _sample(sub, f"sample_dataloader batch {n} item {i}")
+                    if keep is None or keep(index)
+                    else None
+                )
+                index += 1
         else:
-            yield _sample(obj, f"sample_dataloader item {n}")
+            yield _sample(obj, f"sample_dataloader item {n}") if keep is None or keep(index) else None
+            index += 1
 
 
 def _binder(module: nn.Module) -> Any:
@@ -397,6 +423,7 @@ def generate_calibrate_set(
     timestep_per_sample: int | None = None,
     seed: int = 0,
     progress: bool = True,
+    distributed: Any = None,
     **pipe_kwargs: Any,
 ) -> CalibrationSet:
     """Record a backbone's inputs while a pipeline denoises, at the steps a sampler selects.
@@ -418,7 +445,13 @@ def generate_calibrate_set(
         sample_size: Use at most this many prompts (default: all).
         timestep_per_sample: Steps the sampler selects per prompt (default: all steps).
         seed: Seed of the initial noise, the same for every prompt (ignored when ``latents`` is given).
-        progress: Show a progress bar over prompts.
+        progress: Show a progress bar over prompts (process 0 only when distributed).
+        distributed: Share the prompts among the processes of a ``torch.distributed`` group: None
+            (automatic: when it is initialized with several processes), True, False, or a
+            ``ProcessGroup``. Prompt ``i`` is generated by process ``i % world_size`` with the seeds
+            of a single-process run; each process writes its own chunks and process 0 the manifest;
+            every process returns the whole set, equal to the single-process one
+            (:mod:`segquant_fx.distributed`).
         **pipe_kwargs: Passed to every pipeline call (``guidance_scale``, ``height``, ``width``,
             ``controlnet_conditioning_scale``, ``latents``, ``max_sequence_length``...).
 
@@ -485,7 +518,18 @@ def generate_calibrate_set(
         },
     }
     root = Path(dump_path) if dump_path is not None else None
-    store = _Store.create(root, settings, chunk_size=chunk_size, compress=compress, resume=True)
+    from segquant_fx.distributed import CalibsetShard, resolve_distributed
+
+    ctx = resolve_distributed(distributed)
+    shard = None
+    if ctx is None:
+        store = _Store.create(root, settings, chunk_size=chunk_size, compress=compress, resume=True)
+    else:
+        shard = CalibsetShard.open(
+            ctx, root, settings, chunk_size=chunk_size, compress=compress, sample_size=sample_size
+        )
+        store = shard.store
+        progress = progress and ctx.is_root
     bind = _binder(module)
 
     from tqdm.auto import tqdm
@@ -499,19 +543,24 @@ def generate_calibrate_set(
     old_bar = getattr(model, "_progress_bar_config", None)
     if hasattr(model, "set_progress_bar_config"):
         model.set_progress_bar_config(disable=True)
+    if shard is not None and total is not None:
+        total = shard.owned(total)
     bar = tqdm(total=total, desc="calibration set", unit="prompt", disable=not progress)
     if not store.complete:
         bar.update(store.cursor["prompt"])  # prompts finished by an earlier, interrupted run
     count = 0
     try:
-        for index, sample in enumerate(_samples(sample_dataloader)):
+        for index, sample in enumerate(_samples(sample_dataloader, None if shard is None else shard.owns)):
             if sample_size is not None and index >= sample_size:
                 break
             count = index + 1
-            store.check_prompt(index, _digest(json.dumps(_fingerprint(sample), sort_keys=True).encode()))
-            if store.complete or index < store.cursor["prompt"]:
+            if sample is None:  # another process's prompt
                 continue
-            skip = store.cursor["skip"] if index == store.cursor["prompt"] else 0
+            local = index if shard is None else shard.local(index)
+            store.check_prompt(local, _digest(json.dumps(_fingerprint(sample), sort_keys=True).encode()))
+            if store.complete or local < store.cursor["prompt"]:
+                continue
+            skip = store.cursor["skip"] if local == store.cursor["prompt"] else 0
             _run_prompt(
                 model,
                 module,
@@ -526,16 +575,23 @@ def generate_calibrate_set(
                 seed,
                 pipe_kwargs,
                 track_denoising,
+                store_index=local,
             )
-            store.prompt_done(index)
+            store.prompt_done(local)
             bar.update(1)
             bar.set_postfix(items=store.num_items + len(store.buffer))
+    except Exception as e:
+        if shard is None:
+            raise
+        shard.fail(e)  # raised here and, naming this process, in every other one
     finally:
         bar.close()
         if old_bar is not None:
             model._progress_bar_config = old_bar
         elif hasattr(model, "_progress_bar_config"):
             del model._progress_bar_config
+    if shard is not None:
+        return shard.finish(count)
     if count == 0:
         raise ConfigError("sample_dataloader yielded no prompts")
     if store.complete:
@@ -567,9 +623,10 @@ def _run_prompt(
     seed: int,
     pipe_kwargs: dict[str, Any],
     track_denoising: Any,
+    store_index: int | None = None,
 ) -> None:
     selected = set(sampler.select_steps(steps, nums, index))
-    store.start_prompt(index, skip)
+    store.start_prompt(index if store_index is None else store_index, skip)
     if not selected:
         return
     last = max(selected)

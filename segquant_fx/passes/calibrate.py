@@ -138,25 +138,30 @@ class CalibrationInterpreter(fx.Interpreter):
         self._fast: dict[bool, _Compiled | None] = {}
         #: Items :meth:`fast_run` re-ran node by node after the compiled run failed (0 normally).
         self.fallbacks = 0
+        #: Items completed; the index of the next item unless :meth:`fast_run` is given one (row
+        #: reservoirs key an item's rows by its index, see ``RowReservoir.begin_item``).
+        self.items_done = 0
         self._input_meta: list[tuple[torch.dtype, torch.device] | None] | None = None
 
     def run(self, *args: Any, **kwargs: Any) -> Any:
         """Run one item node by node (``fx.Interpreter.run``); its statistics count when it completes."""
-        self.session.begin()
+        self.session.begin(self.items_done)
         with torch.no_grad():
             out = super().run(*args, **kwargs)
             self.session.commit()
+        self.items_done += 1
         return out
 
-    def fast_run(self, *flat: Any) -> Any:
+    def fast_run(self, *flat: Any, item: int | None = None) -> Any:
         """Run one item (flat graph inputs) through a compiled copy of the graph with observer calls.
 
         Same observers, same statistics as :meth:`run`, without the interpreter's per-node Python cost
         (about 16 us a node). On a failure the item is re-run node by node so the error names the
         failing node; the session makes sure the failed run's observations are not counted twice.
+        ``item``: the item's index in the calibration set (default: items completed so far).
         """
         compiled = self._compiled(flat)
-        self.session.begin()
+        self.session.begin(self.items_done if item is None else item)
         with torch.no_grad():
             if compiled is None:
                 out = super().run(*flat)
@@ -170,6 +175,7 @@ class CalibrationInterpreter(fx.Interpreter):
                     self.session.retry()
                     out = super().run(*flat)
             self.session.commit()
+        self.items_done += 1
         return out
 
     def close(self) -> None:
@@ -413,10 +419,26 @@ def calibrate(
     progress: bool = True,
     max_items: int | None = None,
     observer_factory: Callable[..., Any] | None = None,
+    indexed: bool = False,
+    allow_empty: bool = False,
 ) -> tuple[dict[str, ChannelMinMaxObserver], int]:
     """Run calibration; returns (linear node name -> observer, number of items seen).
 
     Linears reading the same tensor share their observer (the same object in the dict).
+
+    Args:
+        gm: The annotated graph module.
+        items: Calibration items; with ``indexed``, ``(index, item)`` pairs where ``index`` is the
+            item's position in the whole calibration set (a process of a distributed run sees only
+            its share; row reservoirs key rows by that index, so its sample is the one a single
+            process would keep, see :mod:`segquant_fx.distributed`).
+        signature: ``forward``'s signature (None: items are kwargs dicts).
+        defaults: The captured non-tensor arguments.
+        progress: Show a progress bar.
+        max_items: Run at most this many items.
+        observer_factory: Builds the observers (default: what the annotations need).
+        indexed: ``items`` yields ``(index, item)``.
+        allow_empty: Return the (empty) observers when there is no item instead of raising.
 
     Raises:
         CalibrationError: On an empty iterable, a mismatched item, a failing node, or NaN/Inf.
@@ -427,16 +449,17 @@ def calibrate(
     total = max_items if max_items is not None else (len(items) if hasattr(items, "__len__") else None)
     bar = tqdm(total=total, desc="calibrating", unit="item", disable=not progress, leave=False)
     try:
-        for item in items:
+        for entry in items:
             if max_items is not None and n >= max_items:
                 break
-            interp.fast_run(*bind(item))
+            index, item = entry if indexed else (None, entry)
+            interp.fast_run(*bind(item), item=index)
             n += 1
             bar.update(1)
     finally:
         bar.close()
         interp.close()
-    if n == 0:
+    if n == 0 and not allow_empty:
         raise CalibrationError(
             "the calibration set is empty: pass at least one item (kwargs dict or args tuple)"
         )

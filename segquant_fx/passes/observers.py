@@ -14,7 +14,9 @@ The optimizers need more than extremes, always with bounded memory:
 * :class:`RowReservoir`: a uniform random sample of at most ``capacity`` input rows (bottom-k of
   random keys, so the sample is exactly uniform over all rows seen, whatever the batch sizes). The
   alpha search scores every candidate on it layer-locally, and percentile/MSE calibration of a
-  smoothed layer bins ``x / s`` from it once ``s`` is known.
+  smoothed layer bins ``x / s`` from it once ``s`` is known. During ``calibrate`` the keys of an
+  item's rows come from a generator seeded by (observer, item index), so the sample does not depend
+  on which process saw which item (:mod:`segquant_fx.distributed` merges reservoirs exactly).
 * :class:`HessianAccumulator`: ``sum x x^T`` and the row count for GPTQ (``H = 2/n sum x x^T``), of
   the *raw* input: the Hessian of the smoothed input ``x / s`` is ``H / (s s^T)``, so one Hessian
   serves every smoothing vector (alpha candidates, output segments) without recomputation.
@@ -29,6 +31,7 @@ that reads extremes keeps working); what it collects is set per layer by the opt
 from __future__ import annotations
 
 import functools
+import hashlib
 import math
 import zlib
 from collections.abc import Callable, Sequence
@@ -145,7 +148,15 @@ class RowReservoir:
 
     Every row gets a random key from a seeded generator; the reservoir holds the rows with the
     ``capacity`` smallest keys seen so far (bottom-k sampling), which is a uniform sample without
-    replacement of all rows, deterministic for a given seed and stream.
+    replacement of all rows, deterministic for a given seed and stream. Rows are kept in arrival
+    order; ``order`` holds each kept row's position (``index << 32 | row`` within calibration item
+    ``index`` after :meth:`begin_item`, else the running row count).
+
+    Keys: one generator for the whole stream by default; after :meth:`begin_item` the keys of that
+    item's rows come from a generator seeded by ``(seed, index)`` alone, so the rows (and keys) kept
+    from a set of items do not depend on the order in which, or the process by which, items were
+    seen: bottom-k over the union of several reservoirs' rows, sorted by ``order``, is the reservoir of
+    one process that saw every item.
 
     Args:
         in_features: K.
@@ -160,8 +171,19 @@ class RowReservoir:
         self.cpu_storage = cpu_storage
         self.rows: torch.Tensor | None = None
         self.keys = torch.empty(0, dtype=torch.float64)
+        self.order = torch.empty(0, dtype=torch.int64)
         self.seen = 0
+        self.seed = seed
         self._gen = torch.Generator().manual_seed(seed)
+        self._item: int | None = None
+        self._item_rows = 0
+
+    def begin_item(self, index: int) -> None:
+        """The next rows belong to calibration item ``index``: key them by ``(seed, index)`` only."""
+        # torch's CPU generator keeps 32 bits of a seed: hash (seed, index) down to 32 bits
+        digest = hashlib.blake2b(f"{self.seed}:{int(index)}".encode(), digest_size=4).digest()
+        self._gen.manual_seed(int.from_bytes(digest, "little"))
+        self._item, self._item_rows = int(index), 0
 
     def update(self, flat: torch.Tensor) -> None:
         """Offer the rows of ``flat`` ``[M, K]``."""
@@ -177,23 +199,29 @@ class RowReservoir:
             if full:
                 cand = (u < self.keys.max()).nonzero().flatten()
                 if cand.numel() == 0:
-                    self.seen += m
+                    self._advance(m)
                     return
             else:
                 cand = torch.arange(m)
             store = torch.device("cpu") if self.cpu_storage else flat.device
             new_rows = flat.detach()[cand.to(flat.device)].to(store)
             keys = torch.cat([self.keys, u[cand]])
+            base = self.seen if self._item is None else (self._item << 32) + self._item_rows
+            order = torch.cat([self.order, cand + base])
             rows = new_rows if self.rows is None else torch.cat([self.rows, new_rows.to(self.rows.dtype)])
             if keys.numel() > self.capacity:
                 keep = torch.topk(keys, self.capacity, largest=False).indices.sort().values
-                keys = keys[keep]
+                keys, order = keys[keep], order[keep]
                 rows = rows[keep.to(rows.device)]
         except BaseException:
             self._gen.set_state(gen_state)
             raise
-        self.keys, self.rows = keys, rows
+        self.keys, self.rows, self.order = keys, rows, order
+        self._advance(m)
+
+    def _advance(self, m: int) -> None:
         self.seen += m
+        self._item_rows += m
 
     def sample(
         self, device: torch.device | str | None = None, dtype: torch.dtype = torch.float32
@@ -212,9 +240,10 @@ class RowReservoir:
         if rows:
             dev = rows[0].device
             keys = torch.cat([p.keys for p in parts if p.rows is not None])
+            order = torch.cat([p.order for p in parts if p.rows is not None])
             allrows = torch.cat([r.to(dev, rows[0].dtype) for r in rows])
             keep = torch.topk(keys, min(out.capacity, keys.numel()), largest=False).indices.sort().values
-            out.keys, out.rows = keys[keep], allrows[keep.to(dev)]
+            out.keys, out.order, out.rows = keys[keep], order[keep], allrows[keep.to(dev)]
         out.seen = sum(p.seen for p in parts)
         return out
 
@@ -302,6 +331,12 @@ class StreamingHistogram:
     larger value arrives the range doubles (as often as needed) and bin pairs merge, which is exact.
     ``maxval[t, h]`` keeps the exact largest magnitude of each half.
 
+    A magnitude equal to the range (a power of two) goes to the last bin, and ``top[t, h]`` counts
+    those values: when the range doubles they move to the bin they fall in at the new range (bin
+    ``bins / 2``, not the merged last bin). So the counts are always those of binning every value at
+    the final range, whatever the order of the values and however they were split into batches or
+    histograms (:meth:`merged`; :mod:`segquant_fx.distributed` sums per-process histograms exactly).
+
     Args:
         in_features: K.
         segments: Segment sizes along K (``()``: one segment).
@@ -319,6 +354,7 @@ class StreamingHistogram:
         self.zeros = torch.zeros(n, dtype=torch.float64)
         self.range = torch.zeros(n, dtype=torch.float64)
         self.maxval = torch.zeros(n, 2, dtype=torch.float64)
+        self.top = torch.zeros(n, 2, dtype=torch.float64)
         self._seg: torch.Tensor | None = None
 
     @property
@@ -332,6 +368,7 @@ class StreamingHistogram:
             self.zeros = self.zeros.to(device)
             self.range = self.range.to(device)
             self.maxval = self.maxval.to(device)
+            self.top = self.top.to(device)
             self._seg = None
         if self._seg is None:
             self._seg = _segment_index(self.segments, self.in_features, device)
@@ -352,12 +389,19 @@ class StreamingHistogram:
             if r == 0.0:
                 self.range[t] = target
                 continue
-            c = self.counts[t]
+            c = self.counts[t].clone()
+            top = self.top[t].clone()
+            if bool((top > 0).any()):  # values == the old range leave the last bin for bin bins/2
+                c[:, -1] -= top
             while r < target:
                 merged = c.reshape(2, self.bins // 2, 2).sum(-1)
                 c = torch.cat([merged, torch.zeros_like(merged)], dim=-1)
+                if bool((top > 0).any()):
+                    c[:, self.bins // 2] += top
+                    top = torch.zeros_like(top)
                 r *= 2.0
             self.counts[t] = c
+            self.top[t] = top
             self.range[t] = r
 
     @torch.no_grad()
@@ -383,11 +427,17 @@ class StreamingHistogram:
         self._grow(torch.maximum(seg_pos, seg_neg))
         r = self.range.to(torch.float32)[self._seg]  # [K]
         safe = torch.where(r > 0, r, torch.ones_like(r))
-        idx = torch.floor(mag * (self.bins / safe)).clamp_(0, self.bins - 1).long()
+        raw = torch.floor(mag * (self.bins / safe))
+        idx = raw.clamp(0, self.bins - 1).long()
         neg = (v < 0).long()
         nz = mag > 0
         flat_idx = ((self._seg[None, :] * 2 + neg) * self.bins + idx)[nz]
         counts = torch.bincount(flat_idx, minlength=nseg * 2 * self.bins).reshape(nseg, 2, self.bins).double()
+        at_top = nz & (raw >= self.bins)
+        top = None
+        if bool(at_top.any()):
+            top_idx = (self._seg[None, :] * 2 + neg)[at_top]
+            top = torch.bincount(top_idx, minlength=nseg * 2).reshape(nseg, 2).double()
         zeros_per_col = (~nz).sum(0).double()
         zeros = torch.zeros(nseg, dtype=torch.float64, device=v.device).index_add_(
             0, self._seg, zeros_per_col
@@ -396,6 +446,8 @@ class StreamingHistogram:
         self.maxval[:, 1] = torch.maximum(self.maxval[:, 1], seg_neg)
         self.counts += counts
         self.zeros += zeros
+        if top is not None:
+            self.top += top
 
     def half(self, t: int, which: str) -> tuple[torch.Tensor, float, float, float]:
         """``(counts [bins], range, maxval, zeros)`` of segment ``t``.
@@ -425,8 +477,10 @@ class StreamingHistogram:
             q = StreamingHistogram(p.in_features, p.segments, p.bins)
             q._to(dev)
             q.counts, q.range = p.counts.to(dev).clone(), p.range.to(dev).clone()
+            q.top = p.top.to(dev).clone()
             q._grow(out.range)
             out.counts += q.counts
+            out.top += q.top
             out.zeros += p.zeros.to(dev)
             out.maxval = torch.maximum(out.maxval, p.maxval.to(dev))
         return out
@@ -656,6 +710,11 @@ class ObserverSession:
             for j, i in enumerate(idxs):
                 slots[i] = (len(self.groups), j)
             self.groups.append(g)
+        self._reservoirs = [
+            r
+            for o in {id(o): o for o in self.observers}.values()
+            if isinstance(r := getattr(o, "reservoir", None), RowReservoir)
+        ]
         self.feeds: list[Callable[[torch.Tensor], None]] = []
         for i, o in enumerate(self.observers):
             if i in slots:
@@ -668,8 +727,14 @@ class ObserverSession:
 
     # ---------------------------------------------------------------------------------------- items
 
-    def begin(self) -> None:
-        """Start an item."""
+    def begin(self, item: int | None = None) -> None:
+        """Start an item; with its index ``item``, row reservoirs key its rows by that index.
+
+        (:meth:`RowReservoir.begin_item`: then the sample does not depend on which process saw the item.)
+        """
+        if item is not None:
+            for r in self._reservoirs:
+                r.begin_item(item)
         self._done.clear()
         self._calls.clear()
         for g in self.groups:
