@@ -19,7 +19,12 @@ the float and the quantized prediction on the same input. Two trajectory modes:
 In both modes the final solution of step ``i`` minimises its objective over all prompts' pairs of step
 ``i``. The pipeline must be one of the adapter pipelines (:mod:`segquant_fx.models.pipelines`) or any
 pipeline whose ``__call__`` takes ``stepper=`` and calls it once per step with the prediction named by
-``stepper.noise_target``, with the backbone called once per step (CFG batched as ``[uncond, text]``).
+``stepper.noise_target``, with the backbone called once per step (CFG batched as ``[uncond, text]``)
+or, for FLUX true CFG, twice (see :mod:`segquant_fx.affiner.trajectory`).
+
+Cost: every step of every calibration prompt runs the float and the quantized backbone once each
+(plus the pipeline's text encoders once per call); nothing but per-step sufficient statistics is kept,
+so memory does not grow with ``sample_size``.
 """
 
 from __future__ import annotations

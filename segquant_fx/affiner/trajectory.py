@@ -26,7 +26,14 @@ predictions of every step:
   which is how the recurrent mode steers the trajectory with the correction learned so far.
 
 Recording, replaying or keeping latents is not needed: both backbones see the same tensors in the
-same call, so each step costs one float and one quantized backbone evaluation.
+same call, so each step costs one float and one quantized backbone evaluation per backbone call.
+
+Backbone calls per step: one (CFG batched as ``[uncond; text]``, or no CFG), or FLUX's two true-CFG
+calls (text-conditioned first, then the negative prompt). For ``noise_target="uncond"``/``"text"`` the
+adapters hand the branch over from inside the backbone call that produced it, so the stepper pairs
+the latest call; for ``"all"`` it combines the calls of the step. Pipelines that call the backbone
+more often per step (SD3 skip-layer guidance) or combine differently (``guidance_rescale``) are
+rejected with a :class:`~segquant_fx.errors.CalibrationError` rather than learned from wrong pairs.
 """
 
 from __future__ import annotations
