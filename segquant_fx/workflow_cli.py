@@ -13,9 +13,10 @@
 pipelines take their control images from it), read by :func:`segquant_fx.datasets.read_prompts`.
 
 ``quantize`` keeps its original behaviour (a built-in backbone calibrated on random inputs) unless
-one of ``--pipeline``, ``--calib-set``, ``--config`` is given or ``--model`` is a directory: then the
-backbone comes from the pipeline (``--calib-layer``) or the model directory / built-in name, the items
-from the calibration set, and the config from ``--config FILE`` (JSON or YAML dict) or ``--preset``.
+one of ``--pipeline``, ``--calib-set``, ``--config``, ``--static-shapes`` is given or ``--model`` is a
+directory: then the backbone comes from the pipeline (``--calib-layer``) or the model directory /
+built-in name, the items from the calibration set, and the config from ``--config FILE`` (JSON or
+YAML dict) or ``--preset``.
 
 ``generate --stepper FILE`` loads a stepper with :func:`segquant_fx.affiner.load_affiner`;
 ``--stepper identity`` (or ``identity:uncond`` / ``identity:text``) uses an
@@ -213,7 +214,13 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
 
 
 def _wants_workflow(args: argparse.Namespace) -> bool:
-    return bool(args.pipeline or args.calib_set or args.config or (args.model and Path(args.model).is_dir()))
+    return bool(
+        args.pipeline
+        or args.calib_set
+        or args.config
+        or args.static_shapes
+        or (args.model and Path(args.model).is_dir())
+    )
 
 
 def _load_config(path: str) -> Any:
@@ -298,7 +305,14 @@ def _cmd_quantize_workflow(args: argparse.Namespace) -> int:
         first = items[0]
     config = _load_config(args.config) if args.config else args.preset
     t0 = time.perf_counter()
-    qmodel = quantize(model, items, config, progress=not args.quiet, max_items=args.max_items)
+    qmodel = quantize(
+        model,
+        items,
+        config,
+        progress=not args.quiet,
+        max_items=args.max_items,
+        dynamic=not args.static_shapes,
+    )
     dt = time.perf_counter() - t0
     with torch.no_grad():
         ref = model(**first)
@@ -329,6 +343,11 @@ def extend_quantize(q: argparse.ArgumentParser, original: Callable[[argparse.Nam
     q.add_argument("--calib-set", help="calibration set directory (segquant-fx calibrate)")
     q.add_argument("--config", help="quantization config file (.json / .yaml dict); overrides --preset")
     q.add_argument("--max-items", type=int, help="use at most this many calibration items")
+    q.add_argument(
+        "--static-shapes",
+        action="store_true",
+        help="capture with the calibration items' shapes only (faster; other batch sizes/resolutions then fail)",
+    )
     q.add_argument("--dtype", choices=_DTYPES, help="dtype of the model (pipeline mode)")
     q.add_argument("--device", default="cpu", help="device (pipeline mode; default cpu)")
 

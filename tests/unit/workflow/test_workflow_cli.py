@@ -79,6 +79,7 @@ def test_calibrate_quantize_generate_controlnet(tmp_path, capsys):
                 str(calib),
                 "--config",
                 str(config),
+                "--static-shapes",
                 "--out",
                 str(qdir),
                 "--quiet",
