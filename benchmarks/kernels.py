@@ -20,6 +20,8 @@ seg24_linear_int8   input-segmented (24 heads): per-segment quantize + qlinear w
 seg24_linear_fp8    the same with fp8 e4m3
 dual_linear_int8    DualScale: ``quantize_dual`` + ``qlinear(dual=True)`` (``sq_gemm_segmented``, 2 halves)
 dual_linear_fp8     the same with fp8 e4m3
+w4a8_linear_int8    W4A8: static per-tensor int8 quantize + qlinear with a packed int4 weight (unpacked to
+                    int8 scratch each call, then sq_gemm: Hopper has no int4 tensor cores)
 =================== ================================================================================
 
 The summary also gives the segment and DualScale costs: ``seg24 / q+sq`` and ``dual / q+sq`` are the
@@ -90,6 +92,7 @@ VARIANTS = (
     "seg24_linear_fp8",
     "dual_linear_int8",
     "dual_linear_fp8",
+    "w4a8_linear_int8",
 )
 BASELINE_8BIT = {
     "sq_gemm_int8": "int_mm",
@@ -98,6 +101,7 @@ BASELINE_8BIT = {
     "dual_linear_int8": "int_mm",
     "seg24_linear_fp8": "scaled_mm_fp8",
     "dual_linear_fp8": "scaled_mm_fp8",
+    "w4a8_linear_int8": "int_mm",
     "sq_gemm_fp8": "scaled_mm_fp8",
     "sq_linear_fp8": "scaled_mm_fp8",
 }
@@ -225,6 +229,7 @@ def _make_weights(k: int, n: int, g: torch.Generator) -> dict[str, torch.Tensor]
     wsf8 = scale_from_amax(w.abs().amax(-1, keepdim=True), "fp8_e4m3")
     qw8 = R.reference_quantize(w, ws8, [], "int8")
     qwf8 = R.reference_quantize(w, wsf8, [], "fp8_e4m3")
+    ws4 = scale_from_amax(w.abs().amax(-1, keepdim=True), "int4")
     return {
         "w_bf16": w.to(torch.bfloat16),
         "qw8": qw8,
@@ -234,6 +239,8 @@ def _make_weights(k: int, n: int, g: torch.Generator) -> dict[str, torch.Tensor]
         "wsf8": wsf8,
         "qwf8_t": qwf8.t(),
         "wsf8_row": wsf8.reshape(1, n).contiguous(),
+        "qw4": R.reference_quantize(w, ws4, [], "int4"),
+        "ws4": ws4,
         "bias": torch.randn(n, generator=g, device=DEVICE).to(torch.bfloat16),
     }
 
@@ -353,17 +360,22 @@ def _variant_fn(name: str, rot: Rotation, k: int) -> tuple[Callable[[], Any], Ca
             return ops.qlinear(
                 q, xs, [], qt, s[f"qw{f}"], s[f"ws{f}"], [], qt, s["bias"], True, torch.bfloat16
             )
+        if name == "w4a8_linear_int8":
+            q = ops.quantize(s["x"], s["xs8_t"], [], "int8", None)
+            return ops.qlinear(
+                q, s["xs8_t"], [], "int8", s["qw4"], s["ws4"], [], "int4", s["bias"], False, torch.bfloat16
+            )
         raise ValueError(name)
 
     def timed() -> Any:
         return one(rot.next())
 
-    return timed, (one if name.startswith(("sq_", "seg24", "dual")) else None)
+    return timed, (one if name.startswith(("sq_", "seg24", "dual", "w4a8")) else None)
 
 
 def _path_of(name: str, m: int, k: int, n: int) -> tuple[str, str]:
     """('cuda' | 'fallback' | 'torch', note) for a variant."""
-    if not name.startswith(("sq_", "seg24", "dual")):
+    if not name.startswith(("sq_", "seg24", "dual", "w4a8")):
         note = {
             "int_mm": "int32 out, no scale/bias",
             "scaled_mm_fp8": "row-wise scales, no bias",
@@ -381,10 +393,15 @@ def _path_of(name: str, m: int, k: int, n: int) -> tuple[str, str]:
     qx = torch.empty(
         m, (2 if dual else 1) * k, dtype=torch.int8 if qtype == "int8" else torch.float8_e4m3fn, device=dev
     )
-    qw = torch.empty(n, k, dtype=qx.dtype, device=dev)
+    qw = (
+        torch.empty(n, k // 2, dtype=torch.uint8, device=dev)
+        if name.startswith("w4a8")
+        else torch.empty(n, k, dtype=qx.dtype, device=dev)
+    )
     xs = torch.empty(2 if dual else (len(segs) or 1), device=dev)
+    w_qtype = "int4" if name.startswith("w4a8") else qtype
     spec = R.infer_qlinear(
-        qx, xs, segs, qtype, qw, torch.empty(n, 1, device=dev), [], qtype, None, dual, torch.bfloat16
+        qx, xs, segs, qtype, qw, torch.empty(n, 1, device=dev), [], w_qtype, None, dual, torch.bfloat16
     )
     reason = ck.qlinear_unsupported_reason(spec, torch.empty(1, device="cuda"), torch.bfloat16, xs)
     if reason is not None:
@@ -503,6 +520,7 @@ def summary(results: list[Result]) -> str:
         "seg24_linear_fp8": "seg24 f8",
         "dual_linear_int8": "dual i8",
         "dual_linear_fp8": "dual f8",
+        "w4a8_linear_int8": "w4a8",
     }
     head = (
         "| M | K | N | "

@@ -102,6 +102,11 @@ sq_status sq_gemm_segmented(const void* A, const void* B, sq_dtype ab_dtype, voi
                             const float* seg_scale, const float* row_scale, const float* col_scale,
                             const void* bias, void* workspace, size_t workspace_size, void* stream);
 
+/* Packed int4 (two per byte along the last dim, low nibble = even element) -> int8, [rows, K] values:
+ * packed is [rows, K/2] bytes, out [rows, K] int8. K must be even. The W4A8 / W4A4 GEMM path of the
+ * binding unpacks its int4 operands with this and runs the int8 GEMMs (Hopper has no int4 tensor cores). */
+sq_status sq_unpack_int4(const void* packed, void* out, int64_t rows, int64_t K, void* stream);
+
 #ifdef __cplusplus
 }
 #endif

@@ -64,6 +64,16 @@ inline bool check_segments(const sq_segments& s, int64_t K, const char* op) {
   return true;
 }
 
+// Whether the calling thread's current device is sm_90 (the CUTLASS GEMMs are built for sm_90a only).
+inline bool device_is_sm90() {
+  int dev = 0;
+  if (cudaGetDevice(&dev) != cudaSuccess) return false;
+  int major = 0, minor = 0;
+  cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev);
+  cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, dev);
+  return major == 9 && minor == 0;
+}
+
 inline bool aligned(const void* p, int64_t bytes) { return ((uintptr_t)p % (uintptr_t)bytes) == 0; }
 
 inline int dtype_bytes(sq_dtype t) {

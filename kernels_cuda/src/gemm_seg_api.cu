@@ -6,27 +6,7 @@
 #include "gemm_seg_table.h"
 #include "segquant_kernels.h"
 
-namespace segquant {
-size_t seg_gemm_workspace_int8(sq_dtype out, int M, int N, int K, SegTable const& seg);
-sq_status seg_gemm_run_int8(const void* A, const void* B, void* D, sq_dtype out, int M, int N, int K,
-                            SegTable const& seg, const float* rs, const float* cs, const void* bias, void* ws,
-                            size_t ws_size, cudaStream_t stream);
-size_t seg_gemm_workspace_fp8(sq_dtype out, int M, int N, int K, SegTable const& seg);
-sq_status seg_gemm_run_fp8(const void* A, const void* B, void* D, sq_dtype out, int M, int N, int K,
-                           SegTable const& seg, const float* rs, const float* cs, const void* bias, void* ws,
-                           size_t ws_size, cudaStream_t stream);
-}  // namespace segquant
-
 namespace {
-
-bool device_is_sm90() {
-  int dev = 0;
-  if (cudaGetDevice(&dev) != cudaSuccess) return false;
-  int major = 0, minor = 0;
-  cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev);
-  cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, dev);
-  return major == 9 && minor == 0;
-}
 
 // Validate and convert the element-offset segment table into k-tile ends.
 sq_status make_table(sq_dtype ab, sq_dtype out, int64_t M, int64_t N, int64_t K, int32_t halves,
@@ -81,7 +61,7 @@ extern "C" sq_status sq_gemm_segmented(const void* A, const void* B, sq_dtype ab
     sq::set_last_error("sq_gemm_segmented: A, B, D, seg_scale and col_scale must not be NULL");
     return SQ_ERR_INVALID;
   }
-  if (!device_is_sm90()) return SQ_ERR_ARCH;
+  if (!sq::device_is_sm90()) return SQ_ERR_ARCH;
   auto s = static_cast<cudaStream_t>(stream);
   return ab_dtype == SQ_INT8
              ? segquant::seg_gemm_run_int8(A, B, D, out_dtype, (int)M, (int)N, (int)K, t, row_scale, col_scale,

@@ -370,14 +370,6 @@ template <class ElementAB, class ElementD>
 using SmallSegGemm = SegGemm<ElementAB, ElementD, Shape<_64, _128, _64>, Shape<_1, _1, _1>,
                              cutlass::gemm::KernelTmaWarpSpecializedPingpong, cutlass::epilogue::TmaWarpSpecialized>;
 
-size_t seg_gemm_workspace_int8(sq_dtype out, int M, int N, int K, SegTable const& seg);
-sq_status seg_gemm_run_int8(const void* A, const void* B, void* D, sq_dtype out, int M, int N, int K,
-                            SegTable const& seg, const float* rs, const float* cs, const void* bias, void* ws,
-                            size_t ws_size, cudaStream_t stream);
-size_t seg_gemm_workspace_fp8(sq_dtype out, int M, int N, int K, SegTable const& seg);
-sq_status seg_gemm_run_fp8(const void* A, const void* B, void* D, sq_dtype out, int M, int N, int K,
-                           SegTable const& seg, const float* rs, const float* cs, const void* bias, void* ws,
-                           size_t ws_size, cudaStream_t stream);
 
 }  // namespace segquant
 

@@ -2,6 +2,7 @@
 // On any other architecture the entry points return SQ_ERR_ARCH (the caller falls back).
 #include <cuda_runtime.h>
 
+#include "common.cuh"
 #include "segquant_kernels.h"
 
 namespace segquant {
@@ -16,15 +17,6 @@ sq_status gemm_run_fp8(const void* A, const void* B, void* D, sq_dtype out, int 
 }  // namespace segquant
 
 namespace {
-
-bool device_is_sm90() {
-  int dev = 0;
-  if (cudaGetDevice(&dev) != cudaSuccess) return false;
-  int major = 0, minor = 0;
-  cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev);
-  cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, dev);
-  return major == 9 && minor == 0;
-}
 
 sq_status check(sq_dtype ab, sq_dtype out, int64_t M, int64_t N, int64_t K) {
   if (ab != SQ_INT8 && ab != SQ_FP8E4M3) return SQ_ERR_UNSUPPORTED;
@@ -49,7 +41,7 @@ extern "C" sq_status sq_gemm(const void* A, const void* B, sq_dtype ab_dtype, vo
   sq_status st = check(ab_dtype, out_dtype, M, N, K);
   if (st != SQ_OK) return st;
   if (!A || !B || !D || !row_scale || !col_scale) return SQ_ERR_INVALID;
-  if (!device_is_sm90()) return SQ_ERR_ARCH;
+  if (!sq::device_is_sm90()) return SQ_ERR_ARCH;
   auto s = static_cast<cudaStream_t>(stream);
   return ab_dtype == SQ_INT8
              ? segquant::gemm_run_int8(A, B, D, out_dtype, (int)M, (int)N, (int)K, row_scale, col_scale, bias,

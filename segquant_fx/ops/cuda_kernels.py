@@ -67,6 +67,7 @@ __all__ = [
     "qlinear_route",
     "GemmRoute",
     "has_segmented_gemm",
+    "has_unpack_int4",
     "SEG_TILE_K",
     "qlinear_unsupported_reason",
     "quantize_unsupported_reason",
@@ -115,6 +116,7 @@ _lib_path: Path | None = None
 _reason: str | None = None
 _has_gemm = False
 _has_seg_gemm = False
+_has_unpack = False
 
 
 def _repo_root() -> Path:
@@ -208,10 +210,14 @@ def _declare(lib: ctypes.CDLL) -> None:
             c_vp,  # stream
         ]
 
+    if hasattr(lib, "sq_unpack_int4"):
+        lib.sq_unpack_int4.restype = c_int
+        lib.sq_unpack_int4.argtypes = [c_vp, c_vp, c_i64, c_i64, c_vp]
+
 
 def _load() -> None:
-    global _lib, _lib_path, _reason, _has_gemm, _has_seg_gemm
-    _lib, _lib_path, _has_gemm, _has_seg_gemm = None, None, False, False
+    global _lib, _lib_path, _reason, _has_gemm, _has_seg_gemm, _has_unpack
+    _lib, _lib_path, _has_gemm, _has_seg_gemm, _has_unpack = None, None, False, False, False
     errors: list[str] = []
     for path in candidate_paths():
         if not path.is_file():
@@ -239,6 +245,7 @@ def _load() -> None:
         _lib, _lib_path = lib, path
         _has_gemm = hasattr(lib, "sq_gemm")
         _has_seg_gemm = hasattr(lib, "sq_gemm_segmented")
+        _has_unpack = hasattr(lib, "sq_unpack_int4")
         _reason = None
         return
     _reason = (
@@ -271,6 +278,11 @@ def unavailable_reason() -> str | None:
 def has_gemm() -> bool:
     """Whether the loaded library has ``sq_gemm`` (the qlinear kernel)."""
     return _lib is not None and _has_gemm
+
+
+def has_unpack_int4() -> bool:
+    """Whether the loaded library has ``sq_unpack_int4`` (the W4A8 / W4A4 path of qlinear)."""
+    return _lib is not None and _has_unpack
 
 
 def has_segmented_gemm() -> bool:
@@ -577,12 +589,16 @@ class GemmRoute:
         halves: 2 for DualScale, else 1.
         segments: Activation segment sizes of one half (``segmented`` only).
         row_scale: Whether the activation scale varies per token (goes to the epilogue's row scale).
+        unpack_x: The activation is packed int4: unpacked to int8 scratch before the int8 GEMM.
+        unpack_w: The weight is packed int4 (W4A8 / W4A4): unpacked to int8 scratch per call.
     """
 
     kind: str
     halves: int
     segments: tuple[int, ...]
     row_scale: bool
+    unpack_x: bool = False
+    unpack_w: bool = False
 
 
 def _scale_variation(x_scale: torch.Tensor | None) -> tuple[bool, bool]:
@@ -610,10 +626,13 @@ def qlinear_route(
         return None, "the kernel library was built without sq_gemm"
     if spec.x_info is None:
         return None, "weight-only (x_qtype='none') has no CUDA kernel"
-    if spec.x_info.name != spec.w_info.name or spec.x_info.name not in ("int8", "fp8_e4m3"):
-        return None, (
-            f"x_qtype={spec.x_info.name!r} x w_qtype={spec.w_info.name!r} (the GEMM does int8 x int8, fp8 x fp8)"
-        )
+    xq, wq = spec.x_info.name, spec.w_info.name
+    ints = ("int8", "int4")
+    if not ((xq == wq == "fp8_e4m3") or (xq in ints and wq in ints)):
+        return None, (f"x_qtype={xq!r} x w_qtype={wq!r} (the GEMMs do int8/int4 x int8/int4 and fp8 x fp8)")
+    unpack_x, unpack_w = xq == "int4", wq == "int4"
+    if (unpack_x or unpack_w) and not has_unpack_int4():
+        return None, f"x_qtype={xq!r} x w_qtype={wq!r}: the kernel library was built without sq_unpack_int4"
     if len(spec.w_sizes) != 1:
         return None, "weight segments along K (group-wise weight scales; the GEMM takes a per-channel scale)"
     if spec.n % 8 != 0:
@@ -632,7 +651,7 @@ def qlinear_route(
     if spec.halves == 1 and (len(segments) == 1 or not per_segment):
         if spec.k % 16 != 0:
             return None, f"K = {spec.k} is not a multiple of 16"
-        return GemmRoute("plain", 1, (spec.k,), per_token), None
+        return GemmRoute("plain", 1, (spec.k,), per_token, unpack_x, unpack_w), None
     what = "DualScale" if spec.halves == 2 else f"{len(segments)} input segments"
     if per_token and per_segment:
         return None, (
@@ -649,7 +668,7 @@ def qlinear_route(
             f"{what}: segment boundaries {list(bounds)} are not all multiples of {SEG_TILE_K} "
             "(the segmented GEMM's tile K)"
         )
-    return GemmRoute("segmented", spec.halves, segments, per_token), None
+    return GemmRoute("segmented", spec.halves, segments, per_token, unpack_x, unpack_w), None
 
 
 def qlinear_unsupported_reason(
@@ -657,6 +676,18 @@ def qlinear_unsupported_reason(
 ) -> str | None:
     """Why no library GEMM can run a validated ``qlinear`` call (None when one can; see :func:`qlinear_route`)."""
     return qlinear_route(spec, qx, out_dtype, x_scale)[1]
+
+
+def _unpack_int4(
+    lib: ctypes.CDLL, packed: torch.Tensor, rows: int, k: int, dev: torch.device, stream: ctypes.c_void_p
+) -> torch.Tensor:
+    """Packed int4 ``[rows, k/2]`` bytes -> a fresh int8 ``[rows, k]`` (``sq_unpack_int4`` on ``stream``)."""
+    src = _aligned(packed)
+    out = torch.empty(rows, k, dtype=torch.int8, device=dev)
+    with _device_guard(dev):
+        status = lib.sq_unpack_int4(src.data_ptr(), out.data_ptr(), rows, k, stream)
+    _check(status, "qlinear")
+    return out
 
 
 _ONES: dict[tuple[torch.device, int], torch.Tensor] = {}
@@ -699,15 +730,18 @@ def qlinear_out(
         return SQ_OK
     dev = qx.device
     assert spec.x_info is not None
-    ab = _Q_DTYPES[spec.x_info.name]
+    ab = SQ_FP8E4M3 if spec.x_info.name == "fp8_e4m3" else SQ_INT8  # int4 operands run as int8
     od = _OUT_DTYPES[out.dtype]
-    a = _aligned(qx.reshape(m, k * spec.halves))
-    b = _aligned(qw)
+    stream = _stream(dev)
+    if route.unpack_x:
+        a = _unpack_int4(lib, qx.reshape(m, -1), m, k * spec.halves, dev, stream)
+    else:
+        a = _aligned(qx.reshape(m, k * spec.halves))
+    b = _unpack_int4(lib, qw, n, k, dev, stream) if route.unpack_w else _aligned(qw)
     xs = x_scale.to(device=dev, dtype=torch.float32)
     col_scale = _aligned(torch.broadcast_to(w_scale.to(device=dev, dtype=torch.float32), (n, 1)).reshape(n))
     bias_t = _aligned(bias.to(device=dev, dtype=out.dtype)) if bias is not None else None
     bias_p = bias_t.data_ptr() if bias_t is not None else None
-    stream = _stream(dev)
     if route.kind == "plain":
         row_scale = _aligned(torch.broadcast_to(xs, (*spec.lead, 1)).reshape(m))
         ws_size = int(lib.sq_gemm_workspace_size(ab, od, m, n, k))

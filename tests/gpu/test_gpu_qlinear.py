@@ -148,26 +148,6 @@ def _fp32_out_args(g):
     )
 
 
-def _int4_args(g):
-    x = rand_x((3, 64), torch.float32, g)
-    qx, xs = R.reference_quantize_dynamic(x, [], "int4")
-    w = torch.randn(16, 64, generator=g, device=DEV)
-    ws = scale_from_amax(w.abs().amax(-1, keepdim=True), "int4")
-    return (
-        qx,
-        xs,
-        [],
-        "int4",
-        R.reference_quantize(w, ws, [], "int4"),
-        ws,
-        [],
-        "int4",
-        None,
-        False,
-        torch.float16,
-    )
-
-
 def _odd_n_args(g):
     return make_linear(
         (5,),
@@ -187,10 +167,9 @@ def _odd_n_args(g):
     [
         (_segmented_args, "per-token x per-segment"),
         (_fp32_out_args, "out_dtype torch.float32"),
-        (_int4_args, "'int4'"),
         (_odd_n_args, "N = 12 is not a multiple of 8"),
     ],
-    ids=["dynamic-segmented-24-heads", "fp32-out", "int4", "odd-N"],
+    ids=["dynamic-segmented-24-heads", "fp32-out", "odd-N"],
 )
 def test_qlinear_fallback_warns_once_and_is_correct(gemm, fresh_warnings, make, fragment):
     args = make(gen(17))
