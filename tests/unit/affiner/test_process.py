@@ -58,8 +58,8 @@ def test_affiner_reduces_per_step_mse(packed, solver, recurrent):
         assert online == pytest.approx(list(ev.mse_corrected), rel=1e-5)
 
 
-def test_held_out_and_trajectory_report(capsys):
-    """Held-out prompts: the per-step and final-latent figures are computed and printed."""
+def test_held_out_and_trajectory_report(tmp_path):
+    """Held-out prompts: the per-step and final-latent figures are computed, printed and plotted."""
     pipe, quant = make()
     aff = process_affiner(_cfg(), CALIB, pipe, quant, shuffle=False, progress=False)
     calib = evaluate_affiner(aff, CALIB, pipe, quant, progress=False)
@@ -71,6 +71,12 @@ def test_held_out_and_trajectory_report(capsys):
     assert calib.mean_mse_corrected < calib.mean_mse_quant
     assert set(held.to_dict()) >= {"steps", "mse_quant", "mse_corrected", "final_mse_quant"}
     assert "reduction" in held.summary()
+    png = held.save_plot(tmp_path / "mse.png")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    teacher = evaluate_affiner(aff, HELD_OUT[:2], pipe, quant, mode="teacher", sample_size=2, progress=False)
+    assert teacher.mode == "teacher" and teacher.samples == 2
+    with pytest.raises(ConfigError, match="mode = 'both'"):
+        evaluate_affiner(aff, HELD_OUT, pipe, quant, mode="both", progress=False)
 
 
 def test_packed_equals_bchw_learning():
