@@ -201,7 +201,7 @@ def quantize(
         max_items=max_items,
         search_state=search_state,
         timings={"prepare": time.perf_counter() - t0},
-        distributed=ctx,
+        distributed=ctx if ctx is not None else False,  # None would mean "automatic" again
     )
     if verbose:
         print(prepared.report.to_markdown())

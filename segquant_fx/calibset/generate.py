@@ -83,7 +83,12 @@ def _fingerprint(value: Any) -> Any:
 def _backbone_settings(module: nn.Module) -> dict[str, Any]:
     cls = getattr(module, "model_class", "") or f"{type(module).__module__}.{type(module).__qualname__}"
     cfg = getattr(module, "config", None)
-    cfg_json = json.dumps(dict(cfg) if hasattr(cfg, "keys") else None, sort_keys=True, default=str)
+    # private keys are loading metadata; "_use_default_values" is a set made a list, in an order that
+    # changes with Python's hash seed, i.e. from one process to the next (resuming would fail)
+    public = (
+        {k: v for k, v in dict(cfg).items() if not str(k).startswith("_")} if hasattr(cfg, "keys") else None
+    )
+    cfg_json = json.dumps(public, sort_keys=True, default=str)
     dtype = getattr(module, "dtype", None)
     return {
         "class": str(cls),
@@ -656,7 +661,9 @@ def _run_prompt(
     call["output_type"] = "latent"
     if call.get("latents") is None:
         call["generator"] = torch.Generator("cpu").manual_seed(seed)
-    with track_denoising(pipe) as tracker:
+    from segquant_fx.models.pipelines import drop_in_compat  # quantized backbones in plain pipelines
+
+    with track_denoising(pipe) as tracker, drop_in_compat(pipe):
         tracker.on_backbone_call(module, record, before=True)
         tracker.after_scheduler_step(stop_after_last)
         with torch.no_grad():
