@@ -38,7 +38,10 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import json
+import os
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
@@ -58,6 +61,7 @@ __all__ = [
     "adapter_class",
     "as_segquant_pipeline",
     "backbone_of",
+    "drop_in_compat",
     "family_of",
     "resolve_calib_layer",
     "track_denoising",
@@ -113,6 +117,13 @@ _FAMILY_BY_CLASS = {
     "FluxPipeline": "flux",
     "FluxControlNetPipeline": "flux",
     "StableDiffusionXLPipeline": "sdxl",
+}
+
+
+#: ControlNet pipelines and the single-ControlNet class they test for with isinstance.
+_CONTROLNET_CLASS = {
+    "StableDiffusion3ControlNetPipeline": "SD3ControlNetModel",
+    "FluxControlNetPipeline": "FluxControlNetModel",
 }
 
 
@@ -200,7 +211,7 @@ class DenoiseTracker:
         ``before=True`` the hook runs before the forward (``output`` is None, its return is ignored);
         otherwise a non-None return value replaces the output.
         """
-        key = id(module)
+        key = len(self._handles)  # one counter per registration: two hooks on a module count once each
 
         def index() -> int:
             return self._calls.get(key, 0)
@@ -426,8 +437,11 @@ def _masked_class(real: type, shown: type) -> type:
 
 
 @contextlib.contextmanager
-def _call_compat(pipe: Any) -> Iterator[None]:
+def drop_in_compat(pipe: Any) -> Iterator[None]:
     """For the duration of a call, give drop-in backbones what the pipeline expects of them.
+
+    The adapters apply it to every call; wrap calls of a plain diffusers pipeline in it when a
+    backbone is a quantized model.
 
     * FLUX pipelines call ``transformer.cache_context(name)``; a quantized model lacks it (a no-op
       context is attached).
@@ -442,7 +456,9 @@ def _call_compat(pipe: Any) -> Iterator[None]:
             object.__setattr__(module, "cache_context", lambda _name: contextlib.nullcontext())
             patched.append(module)
     controlnet = getattr(pipe, "controlnet", None)
-    expected = getattr(type(pipe), "_segquant_controlnet_class", None)
+    expected = next(
+        (_CONTROLNET_CLASS[c.__name__] for c in type(pipe).__mro__ if c.__name__ in _CONTROLNET_CLASS), None
+    )
     if isinstance(controlnet, nn.Module) and expected is not None:
         import diffusers
 
@@ -487,6 +503,22 @@ class _SegQuantPipelineMixin:
             guidance=lambda: float(self.guidance_scale),
         )
 
+    def save_pretrained(self, save_directory: str | os.PathLike[str], *args: Any, **kwargs: Any) -> Any:
+        """Save like diffusers' ``save_pretrained``, recording the diffusers pipeline class in ``model_index.json``.
+
+        The directory is then an ordinary diffusers pipeline (``DiffusionPipeline.from_pretrained``
+        loads it); :func:`~segquant_fx.models.pipeline_zoo.load_pipeline` makes it an adapter again.
+        """
+        out = super().save_pretrained(save_directory, *args, **kwargs)  # type: ignore[misc]
+        index = Path(save_directory) / "model_index.json"
+        if index.is_file():
+            data = json.loads(index.read_text())
+            data["_class_name"] = _ADAPTER_SPECS[type(self).__name__][0]
+            tmp = index.with_name(f".{index.name}.tmp")
+            tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+            os.replace(tmp, index)
+        return out
+
     def __call__(self, *args: Any, stepper: Any = None, **kwargs: Any) -> Any:
         """Run the diffusers pipeline; ``stepper`` corrects the noise prediction at every step.
 
@@ -504,12 +536,12 @@ class _SegQuantPipelineMixin:
         """
         parent_call = super().__call__  # type: ignore[misc]
         if stepper is None:
-            with _call_compat(self):
+            with drop_in_compat(self):
                 return parent_call(*args, **kwargs)
         target = check_stepper(stepper)
         backbone = getattr(self, self.segquant_backbone)
         run = self._segquant_run(kwargs)
-        with track_denoising(self) as tracker, _call_compat(self):
+        with track_denoising(self) as tracker, drop_in_compat(self):
             _install_stepper(tracker, run, stepper, target, backbone)
             return parent_call(*args, **kwargs)
 
@@ -552,10 +584,6 @@ _ADAPTER_SPECS: dict[str, tuple[str, type, str, str]] = {
     "SegQuantSDXLPipeline": ("StableDiffusionXLPipeline", _SegQuantPipelineMixin, "sdxl", "unet"),
 }
 _ADAPTERS: dict[str, type] = {}
-_CONTROLNET_CLASS = {
-    "StableDiffusion3ControlNetPipeline": "SD3ControlNetModel",
-    "FluxControlNetPipeline": "FluxControlNetModel",
-}
 
 
 def _adapter(name: str) -> type:
@@ -575,7 +603,6 @@ def _adapter(name: str) -> type:
             {
                 "segquant_family": family,
                 "segquant_backbone": backbone,
-                "_segquant_controlnet_class": _CONTROLNET_CLASS.get(base_name),
                 "__module__": __name__,
                 "__doc__": doc,
             },

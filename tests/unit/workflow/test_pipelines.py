@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -219,12 +221,14 @@ def test_track_denoising_on_plain_pipeline(make_pipe):
     adapter = make_pipe("tiny-sd3")
     plain = diffusers.StableDiffusion3Pipeline(**adapter.components)
     plain.set_progress_bar_config(disable=True)
-    seen = []
+    seen, before = [], []
     with track_denoising(plain) as tracker:
         tracker.on_backbone_call(plain.transformer, lambda tr, i, a, k, o: seen.append((tr.step_index, i)))
+        # a second registration on the same module counts its calls on its own
+        tracker.on_backbone_call(plain.transformer, lambda tr, i, a, k, o: before.append(i), before=True)
         plain("a fox", num_inference_steps=N, output_type="latent", **run_kwargs("tiny-sd3"))
         assert tracker.step_index == N and tracker.num_inference_steps == N
-    assert seen == [(0, 0), (1, 0), (2, 0)]
+    assert seen == [(0, 0), (1, 0), (2, 0)] and before == [0, 0, 0]
     assert "step" not in vars(plain.scheduler)
     wrapped = as_segquant_pipeline(plain)
     assert type(wrapped).__name__ == "SegQuantSD3Pipeline" and wrapped.transformer is plain.transformer
@@ -285,6 +289,8 @@ def test_load_pipeline_round_trip(make_pipe, tmp_path):
     pipe = make_pipe("tiny-sd3-controlnet")
     pipe.save_pretrained(tmp_path / "sd3")
     pipe.controlnet.save_pretrained(tmp_path / "cn")
+    index = json.loads((tmp_path / "sd3" / "model_index.json").read_text())
+    assert index["_class_name"] == "StableDiffusion3ControlNetPipeline"  # an ordinary diffusers directory
     loaded = load_pipeline(tmp_path / "sd3")
     assert type(loaded).__name__ == "SegQuantSD3ControlNetPipeline"
     loaded.set_progress_bar_config(disable=True)
@@ -322,3 +328,51 @@ def test_load_pipeline_errors(tmp_path):
     (tmp_path / "model_index.json").write_text('{"_class_name": "StableDiffusion3Pipeline"}')
     with pytest.raises(ConfigError, match="controlnet path .* is not a diffusers model directory"):
         load_pipeline(tmp_path, controlnet=tmp_path / "nocn")
+
+
+def test_drop_in_compat_on_plain_controlnet_pipeline(make_pipe):
+    """A stand-in ControlNet (what a quantized one looks like to diffusers) works in a plain pipeline."""
+    import diffusers
+
+    from segquant_fx.models.pipelines import drop_in_compat
+
+    adapter = make_pipe("tiny-flux-controlnet")
+    real = adapter.controlnet
+
+    class StandIn(torch.nn.Module):  # no cache_context, not a FluxControlNetModel, same call
+        model_class = "diffusers.models.controlnets.controlnet_flux.FluxControlNetModel"
+        input_hint_block = None
+
+        def __init__(self):
+            super().__init__()
+            self.inner = real
+            self.config = real.config
+
+        device = property(lambda self: real.device)
+        dtype = property(lambda self: real.dtype)
+
+        def forward(self, *args, **kwargs):
+            return self.inner(*args, **kwargs)
+
+    stand_in = StandIn()
+    plain = diffusers.FluxControlNetPipeline(**{**adapter.components, "controlnet": stand_in})
+    plain.set_progress_bar_config(disable=True)
+
+    def kw():
+        return dict(
+            num_inference_steps=2, output_type="latent", generator=gen(), **run_kwargs("tiny-flux-controlnet")
+        )
+
+    with pytest.raises(TypeError):  # diffusers takes the multi-ControlNet path for a non-FluxControlNetModel
+        plain("a fox", **kw())
+    with drop_in_compat(plain):
+        assert isinstance(stand_in, diffusers.FluxControlNetModel) and isinstance(stand_in, StandIn)
+        torch.manual_seed(0)
+        out = plain("a fox", **kw()).images
+    assert type(stand_in) is StandIn and not isinstance(stand_in, diffusers.FluxControlNetModel)
+    adapter.controlnet = stand_in  # the adapter applies drop_in_compat itself
+    torch.manual_seed(0)
+    assert torch.equal(adapter("a fox", **kw()).images, out)
+    adapter.controlnet = real
+    torch.manual_seed(0)
+    assert torch.equal(adapter("a fox", **kw()).images, out)  # the stand-in computed what the ControlNet does
