@@ -159,7 +159,7 @@ def _run(args: argparse.Namespace, rank: int, world: int, local: int, cuda: bool
     import torch.distributed as dist
 
     import segquant_fx
-    from segquant_fx.calibset import UniformSampler, generate_calibrate_set
+    from segquant_fx.calibset import UniformSampler, generate_calibrate_set, load_calibrate_set
     from segquant_fx.models.pipeline_zoo import PIPELINES, build_pipeline
     from segquant_fx.models.pipelines import backbone_of
 
@@ -205,7 +205,8 @@ def _run(args: argparse.Namespace, rank: int, world: int, local: int, cuda: bool
     backbone = backbone_of(pipe, "unet" if spec.family == "sdxl" else "transformer")
     barrier()
     t = time.perf_counter()
-    qmodel = segquant_fx.quantize(backbone, calib, args.preset, progress=rank == 0)
+    items = load_calibrate_set(dump, device=device)  # each process reads only its block of items
+    qmodel = segquant_fx.quantize(backbone, items, args.preset, progress=rank == 0)
     barrier()
     times["quantize"] = time.perf_counter() - t
     if rank != 0:

@@ -21,9 +21,10 @@ one process's set (same items, infos and settings; only the chunk files differ).
 command resumes (same number of processes) or reuses a complete set (any number, also a single
 process). In memory (no ``dump_path``), the items are exchanged so that every process returns the set.
 
-**Statistics.** ``quantize`` shards the calibration items: item ``i`` of ``n`` goes to process
-``r = floor(i * N / n)`` (contiguous blocks; indexable sets like a calibration set are read only
-where needed), or, when the number of items is unknown (a generator), to ``i % N``. Each process runs
+**Statistics.** ``quantize`` shards the calibration items: process ``r`` of ``N`` takes items
+``[floor(r n / N), floor((r + 1) n / N))`` of the ``n`` (contiguous blocks; indexable sets like a
+calibration set are read only there), or, when the number of items is unknown (a generator), the
+items ``i`` with ``i % N == r``. Each process runs
 its items through the captured graph; then the statistics are reduced:
 
 ==================================  =====================================================  ==================
@@ -779,13 +780,15 @@ class CalibsetShard:
         ctx = self.ctx
         error: BaseException | None = None
         try:
-            if self.reuse and count != self.store.num_prompts:
+            expected = count if self.reuse else self.owned(count)
+            if self.store.complete and self.store.num_prompts != expected:
                 raise ConfigError(
-                    f"dump_path {self.root} holds a calibration set of {self.store.num_prompts} prompts, but "
-                    f"sample_dataloader gave {count}; use another dump_path or the same prompts"
+                    f"dump_path {self.store.root} holds a calibration set of {self.store.num_prompts} prompts, "
+                    f"but sample_dataloader gave {expected} (for this process); use another dump_path or the "
+                    "same prompts"
                 )
-            if not self.reuse and not self.store.complete:
-                self.store.finish(self.owned(count))
+            if not self.store.complete:
+                self.store.finish(expected)
         except Exception as e:  # noqa: BLE001 - raised in every process by sync
             error = e
         counts = ctx.sync("generate_calibrate_set", error=error, info=count)
@@ -795,13 +798,13 @@ class CalibsetShard:
                 f"generate_calibrate_set: process {k} got {counts[k]} prompts but process 0 got {counts[0]}; every "
                 "process must pass the same sample_dataloader"
             )
+        if self.reuse:
+            return load_calibrate_set(self.root)
         if count < ctx.world_size:
             raise ConfigError(
                 f"generate_calibrate_set: {ctx.world_size} processes but only {count} prompt(s); run at most "
                 f"{count} processes"
             )
-        if self.reuse:
-            return load_calibrate_set(self.root)
         if self.root is None:
             return self._gather_memory(MemoryCalibrationSet)
         parts = ctx.all_gather_json(
