@@ -202,7 +202,10 @@ class CalibrationInterpreter(fx.Interpreter):
             for t, m in zip(flat, meta, strict=False)
         )
         if same not in self._fast:
-            self._fast[same] = _compile(self.module, self._feed_at, elide=same)
+            try:
+                self._fast[same] = _compile(self.module, self._feed_at, elide=same)
+            except Exception:  # noqa: BLE001 - a graph the copy cannot handle: the interpreter can
+                self._fast[same] = None
         return self._fast[same]
 
     def run_node(self, n: fx.Node) -> Any:
@@ -274,7 +277,7 @@ def _is_noop(n: fx.Node) -> bool:
     return False
 
 
-def _compile(gm: fx.GraphModule, feeds: dict[str, Callable[..., Any]], *, elide: bool) -> _Compiled | None:
+def _compile(gm: fx.GraphModule, feeds: dict[str, Callable[..., Any]], *, elide: bool) -> _Compiled:
     """Copy ``gm``'s graph with a plain call ``feed(value)`` after every observed node.
 
     Per-item Python cost is what makes calibration of small models slower than their forward, so the
@@ -308,10 +311,7 @@ def _compile(gm: fx.GraphModule, feeds: dict[str, Callable[..., Any]], *, elide:
                 c.replace_all_uses_with(c.args[0])
                 graph.erase_node(c)
     root = {c.target: _fetch(gm, c.target) for c in graph.nodes if c.op == "call_module"}
-    try:
-        return _Compiled(fx.GraphModule(root, graph), consts)
-    except Exception:  # noqa: BLE001 - an exotic graph: keep the interpreter
-        return None
+    return _Compiled(fx.GraphModule(root, graph), consts)
 
 
 def bind_inputs(signature: inspect.Signature | None, item: Any, defaults: dict[str, Any]) -> dict[str, Any]:
