@@ -45,6 +45,7 @@ Benchmarks never assert: exit code 0 whatever the numbers (unless a run fails).
 from __future__ import annotations
 
 import argparse
+import datetime
 import hashlib
 import json
 import os
@@ -147,7 +148,8 @@ def worker(args: argparse.Namespace) -> None:
     cuda = args.device == "cuda"
     if cuda:
         torch.cuda.set_device(local)
-    dist.init_process_group("nccl" if cuda else "gloo")
+    # a process waits for the slowest one at every phase's end: allow long phases (full-size models)
+    dist.init_process_group("nccl" if cuda else "gloo", timeout=datetime.timedelta(hours=2))
     try:
         _run(args, rank, world, local, cuda)
     finally:

@@ -58,6 +58,11 @@ difference and the process. A failure in one process is raised in every process 
 and its error) instead of leaving the others waiting. More processes than items or prompts is a
 ``ConfigError``. Only ``ChannelMinMaxObserver`` / ``LinearInputObserver`` statistics can be reduced
 (a custom ``observer_factory`` cannot be used with ``distributed``).
+
+**Timeouts.** A process that finishes its share first waits for the others in a collective. That is
+short when the shares are balanced, but a resumed calibration set can leave one process most of the
+remaining prompts: give ``init_process_group`` a timeout longer than the longest share (NCCL's
+default is 10 minutes), e.g. ``timeout=datetime.timedelta(hours=2)``.
 """
 
 from __future__ import annotations
