@@ -25,6 +25,8 @@ __all__ = ["run_group", "error_of"]
 
 def _worker(rank: int, world_size: int, tmp: str, fn: Any, args: tuple[Any, ...]) -> None:
     os.environ.setdefault("TQDM_DISABLE", "1")
+    if Path("/sys/class/net/lo").exists():  # all processes on this host: talk over loopback (containers)
+        os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
     torch.set_num_threads(1)
     dist.init_process_group(
         "gloo",
