@@ -61,6 +61,7 @@ __all__ = [
     "adapter_class",
     "as_segquant_pipeline",
     "backbone_of",
+    "check_stepper",
     "drop_in_compat",
     "family_of",
     "resolve_calib_layer",
