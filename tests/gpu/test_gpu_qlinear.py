@@ -5,7 +5,7 @@ int8 x int8 and fp8 x fp8; bf16 / fp16 outputs; per-tensor or per-token activati
 per-channel or per-tensor weight scale, bias on/off (rotated through the cases). Each case checks
 the registered op (KernelPreference.CUDA, no fallback allowed) and the kernel written into a
 NaN-poisoned output: every element written and finite, relative error vs the reference at the same
-output dtype <= 1e-3 (int8) / 2e-3 (fp8), and the error vs a float64 dequantize-then-matmul oracle
+output dtype <= 1e-3 (int8) / 4e-3 (fp8: one bf16 ulp), and the error vs a float64 dequantize-then-matmul oracle
 at most twice the reference's own (README tolerance for fp8).
 """
 
@@ -29,7 +29,9 @@ KS = [16, 64, 3072, 3072 + 16]
 NS = [8, 3072, 9216]
 QTYPES = ["int8", "fp8_e4m3"]
 OUT_DTYPES = [torch.bfloat16, torch.float16]
-TOL = {"int8": 1e-3, "fp8_e4m3": 2e-3}
+# vs the reference at the same output dtype: int8 differs only by float summation order; fp8 accumulates in
+# float in a different order, and with few outputs one bf16 rounding flip (2^-8 relative) dominates the norm
+TOL = {"int8": 1e-3, "fp8_e4m3": 4e-3}
 
 
 def make_linear(lead, k, n, qtype, g, *, per_token, per_channel, with_bias, out_dtype):
