@@ -152,8 +152,9 @@ class MSERelConfig(_SolverConfig):
             mode) or per element of the latent downsampled by ``blocksize`` (``interpolate`` mode).
         alpha: Mix of absolute and relative squared error: the weight of an element is
             ``alpha + (1 - alpha) / (e**2 + eps)`` (``e`` = float prediction). Default 1.0 (plain
-            squared error); the reference's files use 0.5, which raised the held-out per-step MSE in
-            every measurement here (benchmarks/RESULTS.md, "Affiner (CPU)").
+            squared error); the reference's files use 0.5, which was the worst mserel setting in
+            every measurement here and raised the held-out per-step MSE on SD3 and FLUX
+            (benchmarks/RESULTS.md, "Affiner (CPU)").
         lambda1: Regulariser pulling ``K`` towards 1.
         lambda2: Regulariser pulling ``b`` towards 0.
         sample_mode: ``"interpolate"`` (bilinear down/up-sampling) or ``"block"`` (per block).
