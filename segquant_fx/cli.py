@@ -18,6 +18,8 @@ Commands:
 * ``dataset prepare --dataset coco|mjhq|dci --src DIR --out DIR [--control canny] [--sample-size N]
   [--per-category] [--blur K] [--seed S]``: sample a local dataset copy into the unified prompt/image/control
   format (see :mod:`segquant_fx.datasets`).
+* ``demo [--model mmdit] [--config w8a8] [--out segquant-demo]``: quantize a built-in text-to-image model,
+  write a float-vs-quantized image grid, metrics, the plan and the ONNX export (see :mod:`segquant_fx.t2i.demo`).
 """
 
 from __future__ import annotations
@@ -199,6 +201,9 @@ def build_parser() -> argparse.ArgumentParser:
     from segquant_fx.datasets.cli import add_dataset_parser
 
     add_dataset_parser(sub)
+    from segquant_fx.t2i.demo import add_demo_parser  # demo: built-in t2i model, float vs quantized
+
+    add_demo_parser(sub)
     return parser
 
 
