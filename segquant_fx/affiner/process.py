@@ -476,8 +476,11 @@ class AffinerEvaluation:
         return dataclasses.asdict(self)
 
     def save_plot(self, path: str | os.PathLike[str]) -> Path:
-        """Write a PNG of the per-step MSE with and without the affiner."""
-        import matplotlib
+        """Write a PNG of the per-step MSE with and without the affiner (needs matplotlib)."""
+        try:
+            import matplotlib
+        except ImportError as e:
+            raise ImportError("AffinerEvaluation.save_plot needs matplotlib: pip install matplotlib") from e
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
