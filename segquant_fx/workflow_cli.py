@@ -216,6 +216,7 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
 def _wants_workflow(args: argparse.Namespace) -> bool:
     return bool(
         args.pipeline
+        or getattr(args, "prompts", None)
         or args.calib_set
         or args.config
         or args.static_shapes
@@ -281,7 +282,29 @@ def _cmd_quantize_workflow(args: argparse.Namespace) -> int:
 
         model, _ = load_model_arg(args.model, args.batch_size)
         model, source = model.to(args.device), args.model
-    if args.calib_set:
+    if getattr(args, "prompts", None) and args.calib_set:
+        raise ConfigError("give either --prompts (calibrate now) or --calib-set (a recorded set), not both")
+    if getattr(args, "prompts", None):
+        if not args.pipeline:
+            raise ConfigError("--prompts records calibration items by running a pipeline: add --pipeline")
+        from segquant_fx.calibset import UniformSampler, generate_calibrate_set
+
+        pipe.set_progress_bar_config(disable=True)
+        samples = _samples(args, pipe)
+        items = generate_calibrate_set(
+            pipe,
+            UniformSampler(),
+            samples,
+            layer,
+            dump_path=None,
+            num_inference_steps=args.steps,
+            timestep_per_sample=args.timesteps_per_sample,
+            seed=args.seed,
+            progress=not args.quiet,
+            **_pipe_kwargs(args, pipe),
+        )
+        first = items[0]
+    elif args.calib_set:
         from segquant_fx.calibset import load_calibrate_set
         from segquant_fx.calibset.generate import _backbone_settings
 
@@ -297,7 +320,8 @@ def _cmd_quantize_workflow(args: argparse.Namespace) -> int:
     else:
         if args.model.endswith(".py") or ":" in args.model or Path(args.model).is_dir() or args.pipeline:
             raise ConfigError(
-                "quantizing a pipeline backbone or a model directory needs --calib-set (segquant-fx calibrate)"
+                "quantizing a pipeline backbone or a model directory needs --prompts (with --pipeline) or "
+                "--calib-set (segquant-fx calibrate)"
             )
         from segquant_fx.models import calibration_items
 
@@ -350,6 +374,19 @@ def extend_quantize(q: argparse.ArgumentParser, original: Callable[[argparse.Nam
     )
     q.add_argument("--dtype", choices=_DTYPES, help="dtype of the model (pipeline mode)")
     q.add_argument("--device", default="cpu", help="device (pipeline mode; default cpu)")
+    # one step instead of `calibrate` + `quantize --calib-set`: record an in-memory calibration set first
+    q.add_argument(
+        "--prompts", help="with --pipeline: .txt / .jsonl prompt file or dataset directory to calibrate on"
+    )
+    q.add_argument("--num-prompts", type=int, help="--prompts: use only the first N prompts")
+    q.add_argument("--steps", type=int, default=28, help="--prompts: denoising steps (default 28)")
+    q.add_argument(
+        "--timesteps-per-sample", type=int, help="--prompts: steps recorded per prompt (default: all)"
+    )
+    q.add_argument("--guidance-scale", type=float, help="--prompts: guidance scale (default: the pipeline's)")
+    q.add_argument("--height", type=int, help="--prompts: image height (default: the pipeline's)")
+    q.add_argument("--width", type=int, help="--prompts: image width (default: the pipeline's)")
+    q.add_argument("--seed", type=int, default=0, help="--prompts: seed of the initial noise (default 0)")
 
     def dispatch(args: argparse.Namespace) -> int:
         if _wants_workflow(args):

@@ -275,7 +275,15 @@ def test_calibrate_resume_and_mismatch_via_cli(tmp_path, capsys):
             "--controlnet is for local pipelines",
         ),
         (["generate", "--pipeline", "{t}", "--prompts", "{p}", "--out", "{t}/g"], "has no model_index.json"),
-        (["quantize", "--pipeline", "tiny-sd3"], "needs --calib-set"),
+        (["quantize", "--pipeline", "tiny-sd3"], "needs --prompts (with --pipeline) or --calib-set"),
+        (
+            ["quantize", "--model", "tiny-sd3", "--prompts", "{p}"],
+            "records calibration items by running a pipeline",
+        ),
+        (
+            ["quantize", "--pipeline", "tiny-sd3", "--prompts", "{p}", "--calib-set", "{t}"],
+            "either --prompts (calibrate now) or --calib-set",
+        ),
         (["quantize", "--model", "tiny-sd3", "--config", "{t}/cfg.txt"], "no such file"),
         (["quantize", "--model", "tiny-sd3", "--config", "{p}"], "unknown extension '.txt'"),
         (["quantize", "--model", "{t}"], "needs config.json"),
@@ -313,3 +321,20 @@ def test_quantize_calib_set_from_other_backbone(tmp_path, capsys):
     )
     assert main(["quantize", "--model", "tiny-sd3", "--calib-set", str(calib), "--quiet"]) == 1
     assert "was recorded from a backbone with another config than tiny-sd3" in capsys.readouterr().err
+
+
+def test_quantize_from_prompts_in_one_step(tmp_path, capsys):
+    """`quantize --pipeline X --prompts FILE` records an in-memory calibration set, then quantizes and saves."""
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a fox\n# a comment\nred car\n")
+    qdir = tmp_path / "q"
+    argv = ["quantize", "--pipeline", "tiny-sd3", "--prompts", str(prompts), "--steps", "2"]
+    assert (
+        main([*argv, "--static-shapes", "--height", "32", "--width", "32", "--out", str(qdir), "--quiet"])
+        == 0
+    )
+    out = capsys.readouterr().out
+    # 2 prompts x 2 recorded steps = 4 items; the report and the error line are printed, the model saved
+    assert "on 4 items" in out and "output relative error vs float on the first item" in out
+    qmodel = segquant_fx.load(qdir)
+    assert len(qmodel.plan) > 0
