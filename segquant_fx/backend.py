@@ -1,11 +1,11 @@
 """The ``"segquant"`` ``torch.compile`` backend: quantize Dynamo graphs with SegQuant, compile with Inductor.
 
-Importing this module registers the backend (``segquant_fx.compile`` imports it for you)::
-
-    import segquant_fx.backend  # registers "segquant"
+The name ``"segquant"`` needs no import: the package declares it as a ``torch_dynamo_backends`` entry
+point, which ``torch.compile`` looks up (and loads this module from) when it meets an unknown backend
+name. Importing this module also registers it, for source trees that are not installed::
 
     # 1. an already quantized model: compiled with Inductor, quantize/dequantize fused
-    fast = torch.compile(qmodel, backend="segquant")
+    fast = torch.compile(qmodel, backend="segquant", dynamic=True)
 
     # 2. a float model: every graph Dynamo hands over is quantized, then compiled with Inductor
     fast = torch.compile(model, backend="segquant", options={"calib": items, "config": "w8a8"})
@@ -29,10 +29,10 @@ Options (everything else in ``options`` is an Inductor config patch, e.g. ``"max
 What the backend does with a graph Dynamo hands over:
 
 1. **Already quantized** (the graph holds ``torch.ops.segquant.*`` calls, e.g. ``torch.compile(qmodel)``
-   or :func:`segquant_fx.compile`): compile with Inductor. (``torch.compile(qmodel)`` traces the
-   shape check that ``torch.export`` puts in the quantized graph, which can pin a dynamic dim to its
-   first value and recompile once; :func:`segquant_fx.compile` drops that check and marks exactly the
-   dims the export kept dynamic, so it is the way to get dynamic shapes without recompiles.)
+   or :func:`segquant_fx.compile`): compile with Inductor. Both paths compile the quantized graph
+   module's frame (``QuantizedModel.forward`` binds the arguments outside the trace) with the dims
+   the export kept dynamic marked dynamic and every other dim static under ``dynamic=True``, so new
+   resolutions do not recompile (:func:`segquant_fx.quantized.mark_export_dims` says why).
 2. **Float, with linears**: re-capture with the project's one capture routine
    (:func:`segquant_fx.capture`, i.e. ``torch.export`` of a module built from Dynamo's graph), so
    patterns are matched in one IR only (export ATen). Module parameters and buffers (Dynamo lifts
@@ -95,6 +95,7 @@ from torch import fx, nn
 from segquant_fx import ops as _ops  # noqa: F401 - registers torch.ops.segquant
 from segquant_fx.errors import CalibrationError, ConfigError
 from segquant_fx.ops import reference as _ref
+from segquant_fx.quantized import export_dynamic_dims, mark_export_dims
 
 __all__ = [
     "BACKEND_NAME",
@@ -105,8 +106,6 @@ __all__ = [
     "inductor_compiler",
     "is_quantized_graph",
     "without_export_guards",
-    "export_dynamic_dims",
-    "mark_dynamic_inputs",
     "copy_graph",
 ]
 
@@ -300,15 +299,15 @@ def copy_graph(graph: fx.Graph) -> fx.Graph:
         return copy.deepcopy(graph)
 
 
-def without_export_guards(gm: fx.GraphModule) -> fx.GraphModule:
-    """A copy of an unlifted exported module without its ``_guards_fn`` call, sharing its tensors.
+def without_export_guards(gm: fx.GraphModule, *, copy: bool = False) -> fx.GraphModule:
+    """An unlifted exported module without its ``_guards_fn`` call, sharing ``gm``'s tensors.
 
-    ``ExportedProgram.module()`` checks the export-time shape guards in a ``_guards_fn`` submodule.
-    Dynamo traces that check and can specialize dynamic dims on it (tiny SD3: the spatial size, so
-    a new resolution recompiles); the compiled graph carries its own guards, so the check is dropped
-    for compilation. Without such a call ``gm`` itself is returned.
+    ``ExportedProgram.module()`` checks the export-time input shapes eagerly in a ``_guards_fn``
+    submodule. Code that traces the module again with its own shape checks (the ONNX exporter, the
+    nested compile of a graph Dynamo has already guarded) drops that call. Returns ``gm`` itself
+    when it has no such call, unless ``copy`` (a new graph the caller may rewrite).
     """
-    if not any(n.op == "call_module" and n.target == "_guards_fn" for n in gm.graph.nodes):
+    if not copy and not any(n.op == "call_module" and n.target == "_guards_fn" for n in gm.graph.nodes):
         return gm
     graph = copy_graph(gm.graph)
     for n in list(graph.nodes):
@@ -317,32 +316,6 @@ def without_export_guards(gm: fx.GraphModule) -> fx.GraphModule:
     out = fx.GraphModule(gm, graph, class_name=type(gm).__name__)
     out.meta.update(getattr(gm, "meta", {}))
     return out.train(gm.training)
-
-
-def export_dynamic_dims(gm: fx.GraphModule) -> list[tuple[int, ...]]:
-    """Per placeholder of an exported graph, the dims ``torch.export`` kept dynamic."""
-    out = []
-    for n in gm.graph.nodes:
-        if n.op != "placeholder":
-            continue
-        val = n.meta.get("val")
-        dims = tuple(i for i, d in enumerate(getattr(val, "shape", ())) if isinstance(d, torch.SymInt))
-        out.append(dims)
-    return out
-
-
-def mark_dynamic_inputs(flat_inputs: Sequence[Any], dims: Sequence[tuple[int, ...]]) -> None:
-    """``torch._dynamo.maybe_mark_dynamic`` the dims an exported graph keeps dynamic, and only those.
-
-    ``torch.compile(dynamic=True)`` makes every dim of every input symbolic, feature dims included,
-    and Dynamo gives equal sizes one symbol ("duck sizing"): tiny SD3's 16-wide pooled projection
-    then shares a symbol with the 16-pixel latent height, the quantize op's ``smooth`` check pins it
-    to 16, and the next resolution recompiles. Marking only batch/token/spatial dims avoids that.
-    ``maybe_mark_dynamic`` is a hint, so a model that does need the size static is not an error.
-    """
-    for value, ds in zip(flat_inputs, dims, strict=False):
-        if isinstance(value, torch.Tensor) and ds:
-            torch._dynamo.maybe_mark_dynamic(value, list(ds))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -677,7 +650,8 @@ class _QuantizedSubgraph:
                 self.items = self.recorded
             self._finish(self.items)
         inputs = self.rc.inputs(args)
-        mark_dynamic_inputs(inputs, self.dims)
+        if self.dims:
+            inputs = mark_export_dims(inputs, self.dims)
         return self.compiled(*inputs)
 
 
@@ -805,10 +779,22 @@ def segquant_backend(
 
 
 def _register_backend() -> None:
+    """Register ``"segquant"`` unless torch is about to do it from the entry point.
+
+    ``torch._dynamo.backends.registry.lookup_backend`` (torch 2.13; the same code in the other
+    ``registry.py`` versions checked) puts discovered ``torch_dynamo_backends`` entry points in
+    ``_BACKENDS`` and then calls ``register_backend(entry_point.load(), name)``, which raises on a name
+    already registered; so while it loads this module for the entry point (``_BACKENDS[name]`` is an
+    ``EntryPoint``), this module leaves the registration to it. (Older torches registered a loaded entry
+    point only when the name was not listed yet, which registering here satisfies.)
+    """
     from torch._dynamo.backends import registry
 
-    if BACKEND_NAME not in getattr(registry, "_COMPILER_FNS", {}):
-        registry.register_backend(segquant_backend, name=BACKEND_NAME)
+    if BACKEND_NAME in getattr(registry, "_COMPILER_FNS", {}):
+        return
+    if getattr(registry, "_BACKENDS", {}).get(BACKEND_NAME) is not None:
+        return
+    registry.register_backend(segquant_backend, name=BACKEND_NAME)
 
 
 _register_backend()

@@ -3,13 +3,15 @@
 ::
 
     model --segquant_fx.quantize(calib, config)--> QuantizedModel (export ATen graph, segquant ops)
-          --drop export's _guards_fn check--> GraphModule sharing the quantized tensors
-          --torch.compile(backend=segquant's Inductor: quantize/dequantize decomposed and fused,
-                          qlinear kept as an extern kernel)--> CompiledQuantizedModel
+          --torch.compile(its graph module, backend=segquant's Inductor: quantize/dequantize
+                          decomposed and fused, qlinear kept as an extern kernel)--> CompiledQuantizedModel
 
-The result is called exactly like ``model`` (positional/keyword arguments, ``return_dict``), and
+The result is called exactly like ``model`` (positional/keyword arguments, ``return_dict``: the
+binding is :meth:`QuantizedModel.run_graph <segquant_fx.quantized.QuantizedModel.run_graph>`), and
 exposes the :class:`~segquant_fx.quantized.QuantizedModel` behind it as ``.quantized`` (``.plan``,
-``.report()``, ``.save()``, ``config`` ... are forwarded to it).
+``.report()``, ``.save()``, ``config`` ... are forwarded to it). With ``dynamic=True`` the dims the
+export kept dynamic (batch, tokens, spatial) are dynamic from the first call and every other dim is
+static (:func:`~segquant_fx.quantized.mark_export_dims`), so new resolutions never recompile.
 
 Example::
 
@@ -25,18 +27,17 @@ from collections.abc import Iterable
 from typing import Any
 
 import torch
-import torch.fx._pytree as fx_pytree
 
-from segquant_fx.backend import export_dynamic_dims, make_backend, mark_dynamic_inputs, without_export_guards
+from segquant_fx.backend import make_backend
 from segquant_fx.errors import ConfigError
-from segquant_fx.quantized import QuantizedModel
+from segquant_fx.quantized import QuantizedModel, _DtypeShortcuts
 
 __all__ = ["compile", "CompiledQuantizedModel"]
 
-_OWN = frozenset({"quantized", "_compiled", "_backend", "_compile_kwargs", "_dims", "_gm", "training"})
+_OWN = frozenset({"quantized", "_compiled", "_backend", "_compile_kwargs", "_dynamic", "training"})
 
 
-class CompiledQuantizedModel(torch.nn.Module):
+class CompiledQuantizedModel(_DtypeShortcuts, torch.nn.Module):
     """A quantized model whose graph runs through ``torch.compile`` (Inductor).
 
     Args:
@@ -53,52 +54,20 @@ class CompiledQuantizedModel(torch.nn.Module):
         self._build()
 
     def _build(self) -> None:
-        gm = without_export_guards(self.quantized.graph_module)
-        kwargs = dict(self._compile_kwargs)
-        dims: list[tuple[int, ...]] = []
-        if kwargs.get("dynamic") is True:
-            # the dims the export kept dynamic, not every dim (see mark_dynamic_inputs)
-            kwargs["dynamic"] = None
-            dims = export_dynamic_dims(gm)
-        object.__setattr__(self, "_gm", gm)
-        object.__setattr__(self, "_dims", dims)
-        object.__setattr__(self, "_compiled", torch.compile(gm, backend=self._backend, **kwargs))
+        # dynamic=True: run_graph marks the dims the export kept dynamic and every other dim static
+        object.__setattr__(self, "_dynamic", self._compile_kwargs.get("dynamic") is True)
+        compiled = torch.compile(self.quantized.graph_module, backend=self._backend, **self._compile_kwargs)
+        object.__setattr__(self, "_compiled", compiled)
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         """Run the compiled graph with the float model's arguments."""
-        call, return_dict = self.quantized._bind(args, kwargs)
-        if self._dims:
-            in_spec = getattr(self._gm, "_in_spec", None)
-            flat = (
-                fx_pytree.tree_flatten_spec(((), call), in_spec)
-                if in_spec is not None
-                else list(call.values())
-            )
-            mark_dynamic_inputs(flat, self._dims)
-        out = self._compiled(**call)
-        if return_dict is False and hasattr(out, "to_tuple"):
-            return out.to_tuple()
-        if return_dict is False and isinstance(out, dict):
-            return tuple(out.values())
-        return out
+        return self.quantized.run_graph(self._compiled, args, kwargs, dynamic=self._dynamic)
 
     def to(self, *args: Any, **kwargs: Any) -> CompiledQuantizedModel:  # type: ignore[override]
         """Move/convert the quantized model (see ``QuantizedModel.to``); the next call recompiles."""
         self.quantized.to(*args, **kwargs)
         self._build()
         return self
-
-    def half(self) -> CompiledQuantizedModel:  # type: ignore[override]
-        """Convert float tensors to float16 (quantized storage untouched)."""
-        return self.to(torch.float16)
-
-    def bfloat16(self) -> CompiledQuantizedModel:  # type: ignore[override]
-        """Convert float tensors to bfloat16 (quantized storage untouched)."""
-        return self.to(torch.bfloat16)
-
-    def float(self) -> CompiledQuantizedModel:  # type: ignore[override]
-        """Convert float tensors to float32 (quantized storage untouched)."""
-        return self.to(torch.float32)
 
     def train(self, mode: bool = True) -> CompiledQuantizedModel:  # type: ignore[override]
         """Set the flag only: the compiled graph is an inference graph."""

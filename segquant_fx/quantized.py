@@ -8,21 +8,41 @@ outputs, ``return_dict`` honoured), keeps what diffusers pipelines read (``confi
 ``.to(dtype)`` converts float parameters and buffers *except* quantized storage and scales, and
 retargets the ``out_dtype`` of the segquant ops; ``.to(device)`` also retargets factory ops
 (``arange``, ``zeros``...) that export recorded with a fixed device.
+
+**Under torch.compile.** :meth:`QuantizedModel.run_graph` is the one calling convention (bind the float
+model's arguments, run a graph, shape the output) shared by ``forward`` and
+:class:`~segquant_fx.compile.CompiledQuantizedModel`. When ``torch.compile(qmodel, dynamic=True)``
+starts at ``forward``, Dynamo runs ``forward``/``run_graph`` eagerly (only their own frames are
+skipped) and compiles the graph module's frame, whose inputs carry the dims the export kept dynamic
+(``maybe_mark_dynamic``) and every other dim marked static. Otherwise Dynamo's duck sizing gives
+equal sizes one symbol (tiny SD3's 16-wide pooled projection and a 16-pixel latent), the static one
+pins the other, and a new resolution recompiles. Inlined into a larger compiled function, both run
+traced as before, without marks and without graph breaks.
 """
 
 from __future__ import annotations
 
+import functools
 import inspect
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
+import torch.fx._pytree as fx_pytree
 from torch import fx
 from torch.utils import _pytree as pytree
 
 from segquant_fx.errors import SegQuantError
 
-__all__ = ["QuantizedModel", "PROTECTED_BUFFERS", "prepare_graph_module", "same_constant"]
+__all__ = [
+    "QuantizedModel",
+    "PROTECTED_BUFFERS",
+    "prepare_graph_module",
+    "same_constant",
+    "format_output",
+    "export_dynamic_dims",
+    "mark_export_dims",
+]
 
 #: Buffer names the rewrite owns: never dtype-converted by ``.to(dtype)``.
 PROTECTED_BUFFERS = frozenset({"qweight", "w_scale", "x_scale", "x_scale_pos", "x_scale_neg", "smooth", "weight_hat"})
@@ -46,7 +66,74 @@ def prepare_graph_module(gm: fx.GraphModule) -> fx.GraphModule:
     return gm
 
 
-class QuantizedModel(torch.nn.Module):
+def format_output(out: Any, return_dict: bool | None) -> Any:
+    """The float model's output convention: ``return_dict=False`` turns a ``*Output``/dict into a tuple."""
+    if return_dict is False and hasattr(out, "to_tuple"):
+        return out.to_tuple()
+    if return_dict is False and isinstance(out, dict):
+        return tuple(out.values())
+    return out
+
+
+def export_dynamic_dims(gm: fx.GraphModule) -> list[tuple[int, ...]]:
+    """Per placeholder of an exported graph, the dims ``torch.export`` kept dynamic."""
+    out = []
+    for n in gm.graph.find_nodes(op="placeholder"):
+        shape = getattr(n.meta.get("val"), "shape", ())
+        out.append(tuple(i for i, d in enumerate(shape) if isinstance(d, torch.SymInt)))
+    return out
+
+
+def mark_export_dims(flat_inputs: Sequence[Any], dims: Sequence[tuple[int, ...]]) -> list[Any]:
+    """Aliases of the input tensors marked for Dynamo: the export's dynamic dims dynamic, the rest static.
+
+    ``torch.compile(dynamic=True)`` makes every dim of every input symbolic, feature dims included,
+    and Dynamo gives equal sizes one symbol ("duck sizing"): tiny SD3's 16-wide pooled projection
+    then shares a symbol with the 16-pixel latent height, the linear pins it to 16, and the next
+    resolution recompiles. ``maybe_mark_dynamic`` on batch/token/spatial dims (a hint: a model that
+    does need a size static is not an error) and ``mark_static`` on the others avoid that. The marks
+    go on ``detach()`` aliases (no ``_base`` for Dynamo to see), so the caller's tensors stay unmarked.
+    """
+    import torch._dynamo
+
+    dynamic: dict[int, set[int]] = {}  # a tensor fed to two placeholders: dynamic where either is
+    for value, ds in zip(flat_inputs, dims, strict=False):
+        if isinstance(value, torch.Tensor):
+            dynamic.setdefault(id(value), set()).update(ds)
+    out = list(flat_inputs)
+    aliases: dict[int, torch.Tensor] = {}
+    for i, value in enumerate(flat_inputs):
+        if not isinstance(value, torch.Tensor):
+            continue
+        if id(value) not in aliases:
+            alias = aliases[id(value)] = value.detach()
+            ds = dynamic.get(id(value), set())
+            for d in range(value.dim()):
+                if d not in ds:
+                    torch._dynamo.mark_static(alias, d)
+            if ds:
+                torch._dynamo.maybe_mark_dynamic(alias, sorted(ds))
+        out[i] = aliases[id(value)]
+    return out
+
+
+class _DtypeShortcuts:
+    """``half``/``bfloat16``/``float`` through ``.to(dtype)``, which keeps quantized storage untouched."""
+
+    def half(self):
+        """Convert float tensors to float16 (quantized storage untouched)."""
+        return self.to(torch.float16)
+
+    def bfloat16(self):
+        """Convert float tensors to bfloat16 (quantized storage untouched)."""
+        return self.to(torch.bfloat16)
+
+    def float(self):
+        """Convert float tensors to float32 (quantized storage untouched)."""
+        return self.to(torch.float32)
+
+
+class QuantizedModel(_DtypeShortcuts, torch.nn.Module):
     """A quantized model: the rewritten graph plus the original calling convention.
 
     Args:
@@ -85,6 +172,7 @@ class QuantizedModel(torch.nn.Module):
         for k, v in (attributes or {}).items():
             if k not in ("training",) and not k.startswith("_"):
                 object.__setattr__(self, k, v)
+        _eager_helpers()  # before any torch.compile(self) reaches forward (see the module docstring)
 
     # ---- calling convention ------------------------------------------------------------------
     def _bind(self, args: tuple, kwargs: dict) -> tuple[dict[str, Any], bool | None]:
@@ -119,13 +207,27 @@ class QuantizedModel(torch.nn.Module):
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         """Run the quantized graph with the float model's arguments."""
-        call, return_dict = self._bind(args, kwargs)
-        out = self.graph_module(**call)
-        if return_dict is False and hasattr(out, "to_tuple"):
-            return out.to_tuple()
-        if return_dict is False and isinstance(out, dict):
-            return tuple(out.values())
-        return out
+        return self.run_graph(self.graph_module, args, kwargs)
+
+    def run_graph(
+        self, graph: Callable[..., Any], args: tuple, kwargs: dict, *, dynamic: bool | None = None
+    ) -> Any:
+        """Bind the float model's arguments, run ``graph`` (this graph, or a compiled copy), shape the output.
+
+        Args:
+            graph: Called with the exported graph's keyword inputs.
+            args: Positional arguments of the float model's ``forward``.
+            kwargs: Keyword arguments (``return_dict`` honoured).
+            dynamic: Mark the graph inputs for Dynamo (:func:`mark_export_dims`). None: when a
+                ``torch.compile(..., dynamic=True)`` call is running.
+        """
+        if torch.compiler.is_compiling():
+            # traced: inlined into a compiled caller (Dynamo skips this frame when it is the first)
+            call, return_dict = self._bind(args, kwargs)
+            return format_output(graph(**call), return_dict)
+        bind, finish = _eager_helpers()
+        call, return_dict = bind(self, args, kwargs, dynamic)
+        return finish(graph(**call), return_dict)
 
     def train(self, mode: bool = True) -> QuantizedModel:  # type: ignore[override]
         """Set the flag only: the captured graph is an inference graph (eval-mode dropout, no grads)."""
@@ -160,18 +262,6 @@ class QuantizedModel(torch.nn.Module):
         if dtype is not None:
             self._convert_dtype(dtype)
         return self
-
-    def half(self) -> QuantizedModel:  # type: ignore[override]
-        """Convert float tensors to float16 (quantized storage untouched)."""
-        return self.to(torch.float16)
-
-    def bfloat16(self) -> QuantizedModel:  # type: ignore[override]
-        """Convert float tensors to bfloat16 (quantized storage untouched)."""
-        return self.to(torch.bfloat16)
-
-    def float(self) -> QuantizedModel:  # type: ignore[override]
-        """Convert float tensors to float32 (quantized storage untouched)."""
-        return self.to(torch.float32)
 
     def _convert_dtype(self, dtype: torch.dtype) -> None:
         if not dtype.is_floating_point:
@@ -242,6 +332,44 @@ class QuantizedModel(torch.nn.Module):
     def extra_repr(self) -> str:
         """Class and size, for ``print(model)``."""
         return f"model_class={self.model_class!r}, quantized_layers={len(self.plan)}"
+
+
+def _bind_marked(
+    model: QuantizedModel, args: tuple, kwargs: dict, dynamic: bool | None
+) -> tuple[dict[str, Any], bool | None]:
+    call, return_dict = model._bind(args, kwargs)
+    if dynamic is None:
+        import torch._dynamo.config
+
+        # torch.compile(dynamic=True) sets this while its call runs (this frame included)
+        dynamic = not torch._dynamo.config.assume_static_by_default
+    in_spec = getattr(model.graph_module, "_in_spec", None)
+    if not dynamic or in_spec is None:
+        return call, return_dict
+    flat = fx_pytree.tree_flatten_spec(((), call), in_spec)
+    _, call = pytree.tree_unflatten(mark_export_dims(flat, export_dynamic_dims(model.graph_module)), in_spec)
+    return call, return_dict
+
+
+@functools.cache
+def _eager_helpers() -> tuple[Callable[..., Any], Callable[..., Any]]:
+    """(bind, finish) for ``run_graph`` outside a trace, and Dynamo told to skip the top frames.
+
+    ``forward``/``run_graph`` frames are skipped only where Dynamo would *start* a trace, so that the
+    graph module's frame is the one compiled; when they are inlined they are traced. ``bind`` and
+    ``finish`` run eagerly from there (``torch._dynamo.disable``): argument binding, marks and
+    ``*Output.to_tuple`` are Python that must not become frames of their own.
+    """
+    import torch._dynamo
+
+    try:
+        from torch._dynamo.eval_frame import skip_code
+    except ImportError:  # pragma: no cover - other torch versions: traced from forward, as before
+        pass
+    else:
+        for fn in (QuantizedModel.forward, QuantizedModel.run_graph):
+            skip_code(fn.__code__)
+    return torch._dynamo.disable(_bind_marked), torch._dynamo.disable(format_output)
 
 
 def _follows_model_dtype(node: fx.Node, model_dtype: torch.dtype) -> bool:

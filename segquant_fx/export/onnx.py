@@ -114,23 +114,8 @@ def _linear(
 _lib.impl("linear", _linear, "CompositeExplicitAutograd")
 
 
-@torch.library.register_fake("segquant_onnx::linear", lib=_lib)
-def _linear_fake(
-    x,
-    smooth,
-    x_scale,
-    x_scale_neg,
-    x_segments,
-    x_qtype,
-    act,
-    qw,
-    w_scale,
-    w_segments,
-    w_qtype,
-    bias,
-    out_dtype,
-):
-    return x.new_empty((*x.shape[:-1], qw.shape[0]), dtype=out_dtype)
+# shapes and dtypes: the same composition, run on fake tensors through the segquant ops' fake kernels
+torch.library.register_fake("segquant_onnx::linear", _linear, lib=_lib)
 
 
 def _only_user(node: fx.Node, user: fx.Node) -> bool:
@@ -262,18 +247,6 @@ def check_expressible(gm: fx.GraphModule, format: str, opset: int) -> None:
 # --------------------------------------------------------------------------------------------------
 # inputs, dynamic shapes, names
 # --------------------------------------------------------------------------------------------------
-
-
-def _graph_copy(gm: fx.GraphModule) -> fx.GraphModule:
-    from segquant_fx.backend import copy_graph
-
-    graph = copy_graph(gm.graph)
-    for n in list(graph.nodes):
-        if n.op == "call_module" and n.target == "_guards_fn":
-            graph.erase_node(n)
-    out = fx.GraphModule(gm, graph, class_name=type(gm).__name__)
-    out.meta.update(getattr(gm, "meta", {}))
-    return out.eval()
 
 
 def _dynamic_shapes(
@@ -443,7 +416,9 @@ def export_onnx(
     args, kwargs = normalize_example(example)
     call, _ = q._bind(args, dict(kwargs))
 
-    gm = _graph_copy(q.graph_module)
+    from segquant_fx.backend import without_export_guards
+
+    gm = without_export_guards(q.graph_module, copy=True).eval()  # the exporter checks shapes itself
     if format == "segquant":
         fuse_linears(gm)
     check_expressible(gm, format, opset)

@@ -2,18 +2,24 @@
 
 Inductor's C++ code generation dominates the run time of this file, so every tiny backbone is
 compiled once (module-scoped fixture) with scalar C++ kernels (``cpp.vec_isa_ok=False`` compiles about
-three times faster than vectorized kernels and computes the same float32 arithmetic), and the backend
-tests use small toy models.
+three times faster than vectorized kernels and computes the same float32 arithmetic), quantized
+models come from the session cache in ``tests/_utils/deploy.py`` (shared with ``test_onnx.py``), and
+the backend tests use small toy models; Dynamo-only properties are checked with ``backend="eager"``.
 """
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+import textwrap
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
 import torch._dynamo
-import torch.nn.functional as F
+from _utils.deploy import BACKBONES, Toy, first, quantized_zoo, rel, resolutions, toy_calib, toy_quantized
 from torch import nn
 from torch._dynamo.utils import counters
 from torch.utils import _pytree as pytree
@@ -22,69 +28,39 @@ import segquant_fx
 from segquant_fx.backend import make_backend, quant_decompositions
 from segquant_fx.compile import CompiledQuantizedModel
 from segquant_fx.errors import ConfigError
-from segquant_fx.models import build_model, calibration_items
 from segquant_fx.ops.reference import sample_inputs
 
 FAST = {"cpp.vec_isa_ok": False}
-# the SDXL UNet compiles about 100 kernels (~100 s cold on 2 CPU cores): slow, still run in CI
-BACKBONES = ["tiny-sd3", "tiny-flux", pytest.param("tiny-sdxl", marks=pytest.mark.slow)]
+ROOT = Path(__file__).resolve().parents[2]
+#: Each backbone is compiled once, through one of the two entry points: SD3 (whose 16-wide pooled
+#: projection duck-sizes with the 16-pixel latent) through ``torch.compile(qmodel, backend="segquant")``,
+#: FLUX and SDXL through ``segquant_fx.compile``. The SDXL UNet is the slowest case, still run in CI.
+PATHS = {"tiny-sd3": "torch.compile", "tiny-flux": "segquant_fx.compile", "tiny-sdxl": "segquant_fx.compile"}
+PARAMS = [
+    pytest.param((n, PATHS[n]), id=f"{n}-{PATHS[n]}", marks=[pytest.mark.slow] if n == "tiny-sdxl" else [])
+    for n in BACKBONES
+]
 
 
-def quantized_zoo(config: pytest.Config, name: str):
-    """(float model, quantized model) of a zoo backbone, shared by the test modules of a session."""
-    cache = config.__dict__.setdefault("_segquant_quantized_zoo", {})
-    if name not in cache:
-        model, _ = build_model(name, batch_size=2)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            cache[name] = (
-                model,
-                segquant_fx.quantize(model, calibration_items(name, 2), "w8a8", progress=False),
-            )
-    return cache[name]
+def dynamo_stats() -> dict[str, int]:
+    """Graphs Dynamo compiled and graph breaks it hit since ``counters.clear()``."""
+    return {
+        "unique_graphs": counters["stats"]["unique_graphs"],
+        "graph_breaks": sum(counters["graph_break"].values()),
+    }
 
 
-def _flux_ids(h: int, w: int) -> torch.Tensor:
-    ids = torch.zeros(h, w, 3)
-    ids[..., 1] = torch.arange(h, dtype=torch.float32)[:, None]
-    ids[..., 2] = torch.arange(w, dtype=torch.float32)[None, :]
-    return ids.reshape(h * w, 3)
-
-
-def resolutions(name: str) -> list[dict]:
-    """Three inputs of different resolution (token count) for one backbone, batch 2."""
-    _, base = build_model(name, batch_size=2, seed=11)
-    g = torch.Generator().manual_seed(5)
-    out = [base]
-    if name == "tiny-flux":
-        for h, w in ((4, 6), (6, 6)):
-            out.append(
-                {**base, "hidden_states": torch.randn(2, h * w, 16, generator=g), "img_ids": _flux_ids(h, w)}
-            )
-    else:
-        key = "sample" if name == "tiny-sdxl" else "hidden_states"
-        sizes = (24, 32) if name == "tiny-sdxl" else (12, 24)
-        for s in sizes:
-            out.append({**base, key: torch.randn(2, 4, s, s, generator=g)})
-    return out
-
-
-def first(out) -> torch.Tensor:
-    return pytree.tree_leaves(out)[0]
-
-
-def rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-12))
-
-
-@pytest.fixture(scope="module", params=BACKBONES)
+@pytest.fixture(scope="module", params=PARAMS)
 def compiled(request):
     """Compile one quantized backbone (fullgraph, dynamic) and run it at three resolutions."""
     from torch._inductor.utils import run_and_get_code
 
-    name = request.param
-    model, qmodel = quantized_zoo(request.config, name)
-    fast = segquant_fx.compile(qmodel, None, dynamic=True, fullgraph=True, options=FAST)
+    name, path = request.param
+    model, qmodel = quantized_zoo(name)
+    if path == "torch.compile":
+        fast = torch.compile(qmodel, backend="segquant", dynamic=True, fullgraph=True, options=FAST)
+    else:
+        fast = segquant_fx.compile(qmodel, None, dynamic=True, fullgraph=True, options=FAST)
     counters.clear()
     inputs = resolutions(name)
     outs, codes = [], []
@@ -95,29 +71,33 @@ def compiled(request):
             else:
                 out = fast(**kwargs, return_dict=False)
             outs.append(out)
-        stats = {
-            "unique_graphs": counters["stats"]["unique_graphs"],
-            "graph_breaks": sum(counters["graph_break"].values()),
-        }
+        stats = dynamo_stats()
         eager = [qmodel(**kw, return_dict=False) for kw in inputs]
         floats = [model(**kw, return_dict=False) for kw in inputs]
     return {
-        "name": name, "fast": fast, "qmodel": qmodel, "inputs": inputs, "outs": outs, "eager": eager,
-        "floats": floats, "stats": stats, "code": "\n".join(codes),
+        "name": name, "path": path, "fast": fast, "qmodel": qmodel, "inputs": inputs, "outs": outs,
+        "eager": eager, "floats": floats, "stats": stats, "code": "\n".join(codes),
     }  # fmt: skip
 
 
 def test_compile_fullgraph_no_graph_breaks(compiled):
     """fullgraph=True compiles the whole quantized backbone as one graph."""
-    assert isinstance(compiled["fast"], CompiledQuantizedModel)
+    assert isinstance(compiled["fast"], CompiledQuantizedModel) == (compiled["path"] == "segquant_fx.compile")
     assert compiled["stats"]["graph_breaks"] == 0
 
 
 def test_compile_three_resolutions_no_recompile(compiled):
-    """With dynamic=True, three resolutions (token counts) reuse the first compiled graph."""
+    """With dynamic=True, three resolutions (token counts) reuse the first compiled graph.
+
+    Without the marks of ``mark_export_dims`` Dynamo's duck sizing gives equal sizes one symbol (tiny
+    SD3's 16-wide pooled projection and its 16-pixel latent); the linear pins it, and the second
+    resolution recompiles. The marks go on aliases: the callers' tensors stay unmarked.
+    """
     assert compiled["stats"]["unique_graphs"] == 1
     shapes = {tuple(first(o).shape) for o in compiled["outs"]}
     assert len(shapes) == 3
+    for value in pytree.tree_leaves(compiled["inputs"]):
+        assert not any(a.startswith("_dynamo") for a in dir(value)), "a caller's tensor was marked"
 
 
 def test_compile_matches_eager_quantized(compiled):
@@ -186,10 +166,7 @@ def test_fuse_false_keeps_extern_ops_and_never_reuses_fused_cache():
     """
     from torch._inductor.utils import run_and_get_code
 
-    torch.manual_seed(0)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        qmodel = segquant_fx.quantize(Toy().eval(), toy_calib(), "w8a8", progress=False)
+    _, qmodel = toy_quantized()
     x = torch.randn(2, 6, 16)
     codes = {}
     with torch.no_grad():
@@ -212,21 +189,55 @@ def test_qlinear_is_not_decomposed():
 
 
 # --------------------------------------------------------------------------------------------------
-# the "segquant" backend
+# torch.compile(qmodel): dynamic shapes without recompiles
 # --------------------------------------------------------------------------------------------------
 
 
-class Toy(nn.Module):
-    """A DiT-style MLP: LayerNorm -> Linear -> GELU -> Linear, plus a residual."""
+def run_counted(fn, inputs: list[dict], reference) -> dict[str, int]:
+    """Call ``fn`` on every input under fresh Dynamo counters; each output must equal ``reference``'s."""
+    counters.clear()
+    with torch.no_grad():
+        for kw in inputs:
+            out, ref = fn(kw), reference(kw)
+            assert rel(first(out), first(ref)) <= 1e-5
+    return dynamo_stats()
 
-    def __init__(self, d: int = 16):
-        super().__init__()
-        self.norm = nn.LayerNorm(d)
-        self.fc1 = nn.Linear(d, 4 * d)
-        self.fc2 = nn.Linear(4 * d, d)
 
-    def forward(self, x):
-        return x + self.fc2(F.gelu(self.fc1(self.norm(x))))
+@pytest.mark.parametrize(
+    ("dynamic", "graphs"),
+    [(True, 1), (None, 2), (False, 3)],
+    ids=["dynamic", "automatic", "static"],
+)
+def test_torch_compile_quantized_model_follows_dynamic(dynamic, graphs):
+    """Three token counts (16 first: the feature width) under each ``dynamic`` setting of torch.compile.
+
+    True: one graph (marks beat duck sizing); None: Dynamo's automatic policy (static first, dynamic
+    after the first change); False: one graph per shape. The quantized graph module's frame is the one
+    compiled (Dynamo skips forward's frame), so ``fullgraph=True`` holds. A model of its own per case:
+    Dynamo remembers the sizes a frame has seen (automatic dynamic) across torch.compile calls.
+    """
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        qmodel = segquant_fx.quantize(Toy().eval(), toy_calib(), "w8a8", progress=False)
+    fast = torch.compile(qmodel, backend="eager", dynamic=dynamic, fullgraph=True)
+    inputs = [{"x": torch.randn(2, t, 16)} for t in (16, 8, 24)]
+    stats = run_counted(lambda kw: fast(**kw), inputs, lambda kw: qmodel(**kw))
+    assert stats == {"unique_graphs": graphs, "graph_breaks": 0}
+
+
+def test_quantized_model_inlined_in_compiled_function():
+    """Called inside a compiled function, the quantized model is traced into its graph (no break)."""
+    _, qmodel = toy_quantized()
+    fast = torch.compile(lambda x: 2 * qmodel(x=x), backend="eager", fullgraph=True)
+    inputs = [{"x": torch.randn(2, 6, 16)}]
+    stats = run_counted(lambda kw: fast(**kw), inputs, lambda kw: 2 * qmodel(**kw))
+    assert stats == {"unique_graphs": 1, "graph_breaks": 0}
+
+
+# --------------------------------------------------------------------------------------------------
+# the "segquant" backend
+# --------------------------------------------------------------------------------------------------
 
 
 class Breaky(nn.Module):
@@ -243,16 +254,9 @@ class Breaky(nn.Module):
         return self.second(h)
 
 
-def toy_calib(n: int = 3, seed: int = 0) -> list[dict]:
-    g = torch.Generator().manual_seed(seed)
-    return [{"x": torch.randn(2, 6, 16, generator=g)} for _ in range(n)]
-
-
 def test_backend_on_quantized_model():
     """torch.compile(qmodel, backend="segquant") compiles the quantized graph with Inductor."""
-    torch.manual_seed(0)
-    model = Toy().eval()
-    qmodel = segquant_fx.quantize(model, toy_calib(), "w8a8", progress=False)
+    _, qmodel = toy_quantized()
     fast = torch.compile(qmodel, backend="segquant", fullgraph=True, options=FAST)
     x = torch.randn(2, 6, 16)
     with torch.no_grad():
@@ -313,18 +317,102 @@ def test_backend_calibrates_on_first_calls():
             assert rel(ys[1], ref(xs[1])) < 1e-5 and rel(ys[2], ref(xs[2])) < 1e-5
 
 
-def test_registered_backend_with_options():
-    """The registered backend takes calib/config through options and Inductor patches beside them."""
+ENTRY_POINT = "segquant = segquant_fx.backend:segquant_backend"
+
+# run in a fresh interpreter: nothing of segquant_fx is imported before torch.compile looks the name up
+FRESH = textwrap.dedent(
+    """
+    import sys, warnings
+    import torch
+    from torch import nn
+    import torch.nn.functional as F
+
+    class Toy(nn.Module):
+        def __init__(self, d=16):
+            super().__init__()
+            self.norm, self.fc1, self.fc2 = nn.LayerNorm(d), nn.Linear(d, 4 * d), nn.Linear(4 * d, d)
+
+        def forward(self, x):
+            return x + self.fc2(F.gelu(self.fc1(self.norm(x))))
+
     torch.manual_seed(0)
     model = Toy().eval()
-    calib = toy_calib()
-    fast = torch.compile(model, backend="segquant", options={"calib": calib, "config": "w8a8", **FAST})
+    g = torch.Generator().manual_seed(0)
+    calib = [{"x": torch.randn(2, 6, 16, generator=g)} for _ in range(3)]
+    assert "segquant_fx" not in sys.modules
+    fast = torch.compile(model, backend="segquant", options={"calib": calib, "config": "w8a8", "cpp.vec_isa_ok": False})
+    assert "segquant_fx.backend" in sys.modules  # torch.compile looked the name up: the entry point
     x = torch.randn(2, 6, 16)
-    with warnings.catch_warnings():
+    with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        ref = segquant_fx.quantize(model, calib, "w8a8", progress=False)
-        with torch.no_grad():
-            assert rel(fast(x), ref(x)) < 1e-5
+        y = fast(x)
+        import segquant_fx
+
+        ref = segquant_fx.quantize(model, calib, "w8a8", progress=False)(x)
+        err = float((y - ref).norm() / ref.norm())
+        assert err < 1e-5, err
+        assert float((y - model(x)).norm() / model(x).norm()) > 1e-4  # really quantized
+    print("ok")
+    """
+)
+
+
+def declared_entry_point() -> str:
+    """The ``torch_dynamo_backends`` line of pyproject.toml."""
+    text = (ROOT / "pyproject.toml").read_text()
+    section = text.split("[project.entry-points.torch_dynamo_backends]", 1)
+    assert len(section) == 2, "pyproject.toml declares no torch_dynamo_backends entry point"
+    line = next(ln for ln in section[1].splitlines() if ln.strip() and not ln.startswith("#"))
+    return line.replace('"', "").strip()
+
+
+def test_registered_backend_in_fresh_interpreter(tmp_path):
+    """torch.compile(model, backend="segquant", options=...) works where segquant_fx was never imported.
+
+    torch finds the name through the package's ``torch_dynamo_backends`` entry point. Where the
+    installed metadata predates the entry point (an old editable install), a throwaway dist-info with
+    the line pyproject.toml declares stands in for it, so the declaration itself is what is tested.
+    """
+    from importlib.metadata import entry_points
+
+    assert declared_entry_point() == ENTRY_POINT
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
+        "TORCHINDUCTOR_COMPILE_THREADS": "1",  # a handful of kernels (cached by now): no worker pool
+    }
+    if "segquant" not in entry_points(group="torch_dynamo_backends").names:
+        info = tmp_path / "segquant_fx_entry_point-0.dist-info"
+        info.mkdir()
+        (info / "METADATA").write_text("Metadata-Version: 2.1\nName: segquant-fx-entry-point\nVersion: 0\n")
+        (info / "entry_points.txt").write_text(f"[torch_dynamo_backends]\n{ENTRY_POINT}\n")
+        env["PYTHONPATH"] = os.pathsep.join([str(tmp_path), env["PYTHONPATH"]])
+    proc = subprocess.run(
+        [sys.executable, "-c", FRESH], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stderr[-3000:]
+
+
+def test_backend_module_import_leaves_entry_point_registration_to_torch(monkeypatch):
+    """While torch loads the module for the entry point, importing it must not register the name too.
+
+    torch's ``lookup_backend`` registers ``entry_point.load()`` under the name and refuses duplicates.
+    """
+    from torch._dynamo.backends import registry
+
+    import segquant_fx.backend as backend
+
+    monkeypatch.setattr(
+        registry, "_COMPILER_FNS", {k: v for k, v in registry._COMPILER_FNS.items() if k != "segquant"}
+    )
+    monkeypatch.setattr(registry, "_BACKENDS", {**registry._BACKENDS, "segquant": object()})
+    backend._register_backend()
+    assert "segquant" not in registry._COMPILER_FNS
+    monkeypatch.setattr(
+        registry, "_BACKENDS", {k: v for k, v in registry._BACKENDS.items() if k != "segquant"}
+    )
+    backend._register_backend()
+    assert registry._COMPILER_FNS["segquant"] is backend.segquant_backend
 
 
 def test_compile_float_model_end_to_end():
