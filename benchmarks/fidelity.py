@@ -154,7 +154,7 @@ def _segquant_w4a8(_base: str) -> Any:
 
 
 METHODS: tuple[Method, ...] = (
-    Method("float", "float", "16/32", "float"),
+    Method("float", "float", "FP32", "float"),
     Method(
         "baseline-w8a8",
         "per-tensor W8A8, no smoothing (baseline-w8a8)",
@@ -220,17 +220,24 @@ def _plan_counts(qmodel: Any) -> dict[str, int]:
     }
 
 
+def _arg_settings(args: argparse.Namespace) -> dict[str, Any]:
+    """The command-line settings a stored result must share to be reused by ``--resume``."""
+    keys = ("prompts", "calib_prompts", "steps", "guidance", "ablation_base", "random_weights", "small")
+    return {k: getattr(args, k) for k in keys}
+
+
 def _settings(
     args: argparse.Namespace, model: str, bundle: Any, steps: int, guidance: float
 ) -> dict[str, Any]:
     return {
+        "args": _arg_settings(args),
         "model": model,
         "model_class": bundle.spec.model_class,
         "prompts": args.prompts,
         "steps": steps,
         "guidance": float(guidance),
         "calib_prompts": args.calib_prompts,
-        "heldout_seed": HELDOUT_SEED,
+        "heldout_seed": int(bundle.card.get("evaluation", {}).get("heldout", {}).get("seed", HELDOUT_SEED)),
         "ablation_base": args.ablation_base,
         "random_weights": bool(args.random_weights),
         "small": bool(args.small),
@@ -290,20 +297,28 @@ def run_model(
     from segquant_fx.t2i.metrics import summarize
     from segquant_fx.t2i.readout import frechet_distance, image_features, score_adherence
 
+    entry = results["models"].get(model)
+    if (
+        entry is not None
+        and entry["settings"].get("args") == _arg_settings(args)
+        and all(entry["methods"].get(m.id, {}).get("status") in ("ok", "skipped") for m in methods)
+    ):
+        log(f"{model}: every method done before (--resume)")
+        return entry
     bundle = load_demo_model(model, random_weights=args.random_weights, small=args.small, device=args.device)
     steps = bundle.default_steps if args.steps is None else args.steps
     guidance = bundle.default_guidance if args.guidance is None else args.guidance
     settings = _settings(args, model, bundle, steps, guidance)
-    entry = results["models"].get(model)
     if entry is None or entry.get("settings") != settings:
         if entry is not None:
             log(f"{model}: settings changed since the saved results; starting this model again")
         entry = {"settings": settings, "methods": {}}
         results["models"][model] = entry
     scene_cfg = SceneConfig(**bundle.card["data"]["scene"]) if "data" in bundle.card else None
-    scenes = heldout_scenes(args.prompts, seed=HELDOUT_SEED, config=scene_cfg)
+    seed = settings["heldout_seed"]
+    scenes = heldout_scenes(args.prompts, seed=seed, config=scene_cfg)
     prompts = scene_prompts(scenes)
-    seeds = [HELDOUT_SEED * 100_000 + i for i in range(len(prompts))]
+    seeds = [seed * 100_000 + i for i in range(len(prompts))]  # as the model card's evaluation
 
     def gen(backbone: Any = None) -> torch.Tensor:
         return generate(
@@ -601,7 +616,9 @@ def bar_chart(results: dict[str, Any], methods: Sequence[Method], path: Path) ->
     ids = [m.id for m in methods if any(m.id in results["models"][k]["methods"] for k in models)]
     fig, axes = plt.subplots(len(panels), 1, figsize=(max(8.0, 0.7 * len(ids) * max(1, len(models))), 13))
     width = 0.8 / max(1, len(models))
+    fmt = {"psnr": "%.2f", "ssim": "%.4f", "adherence": "%.3f", "fd_float": "%.3g"}
     for ax, (key, title) in zip(axes, panels, strict=True):
+        shown: list[float] = []
         for j, model in enumerate(models):
             rows = results["models"][model]["methods"]
             vals = []
@@ -616,8 +633,18 @@ def bar_chart(results: dict[str, Any], methods: Sequence[Method], path: Path) ->
                     v = float("nan")  # the reference itself: inf / 1 / 0
                 vals.append(v if math.isfinite(v) else float("nan"))
             xs = [i + (j - (len(models) - 1) / 2) * width for i in range(len(ids))]
-            ax.bar(xs, vals, width=width, label=model)
-        ax.set_title(title, fontsize=10)
+            bars = ax.bar(xs, vals, width=width, label=model)
+            ax.bar_label(bars, fmt=fmt[key], fontsize=6, rotation=90, padding=2)
+            shown += [v for v in vals if math.isfinite(v)]
+        if key in ("psnr", "ssim") and shown:
+            # the differences between methods are small next to the values: zoom in on them
+            lo, hi = min(shown), max(shown)
+            span = max(hi - lo, 1e-3 * max(abs(hi), 1e-6))
+            ax.set_ylim(lo - 0.6 * span, hi + 0.6 * span)
+        elif shown:
+            ax.set_ylim(0, max(shown) * 1.25 if max(shown) > 0 else 1.0)
+        ax.set_xlim(-0.5, len(ids) - 0.5)
+        ax.set_title(title + (" (y axis zoomed)" if key in ("psnr", "ssim") else ""), fontsize=10)
         ax.set_xticks(range(len(ids)))
         ax.set_xticklabels(ids, rotation=30, ha="right", fontsize=8)
         ax.grid(axis="y", alpha=0.3)

@@ -63,7 +63,9 @@ def test_demo_end_to_end(tmp_path):
     from segquant_fx.t2i.diffusion import generate
 
     bundle = models.build_bundle(models.small_spec("mmdit"))
-    ref = generate(bundle, list(demo.DEMO_PROMPTS[:2]), [demo.EVAL_SEED_BASE, demo.EVAL_SEED_BASE + 1], steps=2)
+    ref = generate(
+        bundle, list(demo.DEMO_PROMPTS[:2]), [demo.EVAL_SEED_BASE, demo.EVAL_SEED_BASE + 1], steps=2
+    )
     torch.testing.assert_close(res.float_images, ref)
     assert "SMOKE TEST" in (out / "metrics.md").read_text()
     report = (out / "report.md").read_text()
@@ -138,7 +140,9 @@ def test_resolve_config(tmp_path):
     (tmp_path / "c.json").write_text(ablated.to_json())
     cfg, label = demo.resolve_config(str(tmp_path / "c.json"))
     assert cfg == ablated and label == "c.json"
-    (tmp_path / "c.yaml").write_text("default:\n  input_quant: {type: fp8}\n  weight_quant: {type: fp8, axis: 0}\n")
+    (tmp_path / "c.yaml").write_text(
+        "default:\n  input_quant: {type: fp8}\n  weight_quant: {type: fp8, axis: 0}\n"
+    )
     cfg, _ = demo.resolve_config(str(tmp_path / "c.yaml"))
     assert cfg.default.input_quant.type == "fpe4m3"
     with pytest.raises(ConfigError, match="no such file"):
@@ -188,3 +192,18 @@ def test_comparison_grid_layout():
     torch.testing.assert_close(g[:, 32:, 64:], torch.ones(3, 32, 32))  # clipped to 1
     with pytest.raises(ConfigError, match="differ in shape"):
         demo.comparison_grid(f, q[:1])
+
+
+def test_cli_defaults_are_the_readme_main_command():
+    args = cli.build_parser().parse_args(["demo"])
+    assert (args.model, args.config, args.out, args.prompts) == (
+        "mmdit",
+        "w8a8",
+        "segquant-demo",
+        demo.EVAL_PROMPTS,
+    )
+    assert not args.random_weights and not args.no_onnx and args.func is demo.main
+    args = cli.build_parser().parse_args(
+        ["demo", "--prompt", "a red circle on a blue background", "--prompt", "x"]
+    )
+    assert args.prompt == ["a red circle on a blue background", "x"]
