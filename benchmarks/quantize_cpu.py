@@ -32,12 +32,16 @@
 
 Wall clock is ``time.perf_counter``; process CPU time (``time.process_time``, all threads) is printed
 next to it because the reference machine is shared with other jobs. Benchmarks never assert: exit code
-0 whatever the verdict. ``--profile`` prints a cProfile of one calibration item and of one quantize().
+0 whatever the verdict. ``--profile`` prints a cProfile of one calibrate() call over 4 items (its
+one-off compile of the instrumented graph included) and of one quantize(). ``--breakdown`` splits
+one calibration item into its parts (float forward, exported graph, compiled copy with and without
+no-op elision and observer feeds, binding, commit; CPU ms, medians of 40 interleaved runs).
 
 Usage::
 
     python benchmarks/quantize_cpu.py
     python benchmarks/quantize_cpu.py --calib-models tiny-flux --items 20 --repeats 1 --profile
+    python benchmarks/quantize_cpu.py --items 20 --skip-quantize --threads 1 --breakdown
 """
 
 from __future__ import annotations
@@ -92,6 +96,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--profile", action="store_true", help="print cProfile tables (calibration item, quantize)"
     )
     ap.add_argument("--profile-top", type=int, default=15, help="profile lines to print (default 15)")
+    ap.add_argument(
+        "--breakdown",
+        action="store_true",
+        help="also split one calibration item into its parts (CPU ms, medians of 40 interleaved runs)",
+    )
     args = ap.parse_args(argv)
     if args.items < 10:
         ap.error("--items must be >= 10 (medians over at least 10 items)")
@@ -167,6 +176,7 @@ class CalibResult:
     setup_s: float = 0.0  # building the CalibrationInterpreter and its observers (once per calibrate())
     error: str | None = None
     fallbacks: int = 0  # items calibrate() re-ran node by node after the compiled run failed
+    breakdown: dict[str, float] = field(default_factory=dict)  # part -> CPU ms (--breakdown)
 
     def med(self, kind: str, cpu: bool = False) -> float:
         v = (self.cpu if cpu else self.times).get(kind) or []
@@ -254,6 +264,8 @@ def bench_calibration(name: str, args: argparse.Namespace) -> tuple[CalibResult,
         assert n == len(items)
         res.times["observers"] = observer_times(p, items[-1], reps=5)
     res.items = len(res.times["calibrate"])
+    if args.breakdown:
+        res.breakdown = breakdown(model, p, items[-1])
     res.load = loadavg()
     profile = None
     if args.profile:
@@ -263,6 +275,68 @@ def bench_calibration(name: str, args: argparse.Namespace) -> tuple[CalibResult,
                 args.profile_top,
             )
     return res, profile
+
+
+def breakdown(model: Any, p: Any, it: dict[str, Any], reps: int = 40) -> dict[str, float]:
+    """CPU ms of the parts of one calibration item (uses calibrate's private pieces; medians)."""
+    import torch
+
+    from segquant_fx.passes.calibrate import CalibrationInterpreter, _compile, _ItemBinder
+
+    interp = CalibrationInterpreter(p.gm)
+    bind = _ItemBinder(p.gm, p.signature, p.constants)
+    bind(it)
+    flat = bind(it)
+    interp.fast_run(*flat)
+    compiled = interp._compiled(flat)
+    bare = _compile(p.gm, {}, elide=True)
+    bare_noelide = _compile(p.gm, {}, elide=False)
+    session = interp.session
+    names = list(p.gm._in_spec.child(1).context)
+
+    def feeds() -> None:
+        session.begin()
+        compiled(flat)
+        session.retry()  # drop what was staged: this part is the graph + the feeds only
+
+    def commit() -> None:
+        session.begin()
+        compiled(flat)
+        c0 = time.process_time()
+        session.commit()
+        out["commit"].append(time.process_time() - c0)
+
+    parts = {
+        "float eager forward": lambda: model(**it),
+        "exported graph, called directly": lambda: p.gm(**{k: it[k] for k in names}),
+        "compiled copy, no observers, no elision": lambda: bare_noelide(flat),
+        "compiled copy, no observers": lambda: bare(flat),
+        "compiled copy + observer feeds": feeds,
+        "binding the item": lambda: bind(it),
+        "whole item (bind + fast_run incl. commit)": lambda: interp.fast_run(*bind(it)),
+    }
+    out: dict[str, list[float]] = {k: [] for k in [*parts, "commit"]}
+    with torch.no_grad():
+        for r in range(reps):
+            for k in parts if r % 2 else list(parts)[::-1]:
+                c0 = time.process_time()
+                parts[k]()
+                out[k].append(time.process_time() - c0)
+            commit()
+    interp.close()
+    return {k: 1e3 * statistics.median(v) for k, v in out.items()}
+
+
+def render_breakdown(results: list[CalibResult]) -> str:
+    rs = [r for r in results if r.breakdown]
+    if not rs:
+        return ""
+    parts = list(rs[0].breakdown)
+    lines = ["| part (CPU ms/item, median) | " + " | ".join(r.name for r in rs) + " |"]
+    lines.append("|---|" + "---:|" * len(rs))
+    for k in parts:
+        lines.append(f"| {k} | " + " | ".join(f"{r.breakdown[k]:.3f}" for r in rs) + " |")
+    return "\n".join(lines)
 
 
 def observer_times(p: Any, it: dict[str, Any], reps: int) -> list[float]:
@@ -433,6 +507,9 @@ def main(argv: list[str] | None = None) -> int:
 
     print(f"## (a) calibration overhead: median over {args.items} items after {args.warmup} warm-up items\n")
     print(render_calibration(calib))
+    if any(r.breakdown for r in calib):
+        print("\n### Where one calibration item's time goes\n")
+        print(render_breakdown(calib))
     if runs:
         print("\n## (b) quantize() wall time\n")
         print(render_quantize(runs, n_layers, args))
