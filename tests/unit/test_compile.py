@@ -1,10 +1,11 @@
 """``segquant_fx.compile`` and the ``"segquant"`` torch.compile backend, with Inductor on CPU.
 
-Inductor's C++ code generation dominates the run time of this file, so every tiny backbone is
-compiled once (module-scoped fixture) with scalar C++ kernels (``cpp.vec_isa_ok=False`` compiles about
-three times faster than vectorized kernels and computes the same float32 arithmetic), quantized
-models come from the session cache in ``tests/_utils/deploy.py`` (shared with ``test_onnx.py``), and
-the backend tests use small toy models; Dynamo-only properties are checked with ``backend="eager"``.
+Inductor compiles dominate the run time of this file (Python lowering and C++ builds), so every tiny
+backbone is compiled once (module-scoped fixture) with scalar C++ kernels (``cpp.vec_isa_ok=False``
+compiles about three times faster than vectorized kernels and computes the same float32 arithmetic),
+quantized models come from the session cache in ``tests/_utils/deploy.py`` (shared with
+``test_onnx.py``), and the backend tests use small toy models; Dynamo-only properties are checked
+with ``backend="eager"``.
 """
 
 from __future__ import annotations
@@ -228,11 +229,20 @@ def test_torch_compile_quantized_model_follows_dynamic(dynamic, graphs):
 
 def test_quantized_model_inlined_in_compiled_function():
     """Called inside a compiled function, the quantized model is traced into its graph (no break)."""
+    from segquant_fx.backend import is_quantized_graph
+
     _, qmodel = toy_quantized()
-    fast = torch.compile(lambda x: 2 * qmodel(x=x), backend="eager", fullgraph=True)
+    graphs = []
+
+    def keep(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    fast = torch.compile(lambda x: 2 * qmodel(x=x), backend=keep, fullgraph=True)
     inputs = [{"x": torch.randn(2, 6, 16)}]
     stats = run_counted(lambda kw: fast(**kw), inputs, lambda kw: 2 * qmodel(**kw))
     assert stats == {"unique_graphs": 1, "graph_breaks": 0}
+    assert len(graphs) == 1 and is_quantized_graph(graphs[0])
 
 
 # --------------------------------------------------------------------------------------------------
