@@ -417,6 +417,7 @@ def run_model(
             if args.strict:
                 raise
         entry["methods"][method.id] = row
+        entry["run"] = args.run_info  # where the latest results of this model were computed
         save()
     return entry
 
@@ -528,12 +529,11 @@ def _explain(entry: dict[str, Any]) -> str:
 
 def markdown(results: dict[str, Any], methods: Sequence[Method]) -> str:
     """The ``## Fidelity`` section: one table and one ablation verdict per model."""
-    lines = [SECTION_TITLE, ""]
-    meta = results["meta"]
-    lines.append(
-        f"Script: `benchmarks/fidelity.py`. Run {meta['date']} on {meta['device_name']} (torch {meta['torch']}); "
-        f"command: `{meta['command']}`."
-    )
+    lines = [
+        SECTION_TITLE,
+        "",
+        "Script: `benchmarks/fidelity.py` (where and how each model ran is given per model).",
+    ]
     if any(e["settings"]["random_weights"] for e in results["models"].values()):
         lines += [
             "",
@@ -544,17 +544,22 @@ def markdown(results: dict[str, Any], methods: Sequence[Method]) -> str:
         "PSNR/SSIM and FD vs float compare each method's images with the float model's images from the same "
         "noise; adherence = fraction of images whose every prompted attribute the exact read-out finds; FD = "
         "Frechet distance on the read-out's 64-dim features (vs float images / vs real generator images of the "
-        "same prompts). The ablation rows use the paper's Table 4 setting unless noted "
-        f"(`--ablation-base {results['meta']['ablation_base']}`).",
+        "same prompts). Ablation rows (`abl-*`): `--ablation-base paper` is the paper's Table 4 setting "
+        "(per-tensor INT8 W8A8, SmoothQuant alpha 0.5, AMax); the same config is quantized once.",
     ]
     for model, entry in results["models"].items():
         s = entry["settings"]
+        run = entry.get("run", {})
         lines += [
             "",
             f"### {model} ({s['model_class']}{', small test architecture' if s['small'] else ''})",
             "",
+            f"Run {run.get('date', '?')} on {run.get('device_name', '?')} (torch {run.get('torch', '?')}): "
+            f"`{run.get('command', '?')}`.",
+            "",
             f"{s['prompts']} held-out prompts (seed {s['heldout_seed']}), {s['steps']} steps, guidance {s['guidance']:g}; "
-            f"calibration: {s['calib_prompts']} other prompts x {s['steps']} steps.",
+            f"calibration: {s['calib_prompts']} other prompts x {s['steps']} steps; ablation base "
+            f"`{s['ablation_base']}`.",
             "",
             "| method | W/A | PSNR (dB) | SSIM | adherence | FD vs float | FD vs real | quantize (s) | note |",
             "|---|---|---|---|---|---|---|---|---|",
@@ -697,6 +702,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--resume", action="store_true", help="keep finished methods of OUT/fidelity.json (same settings)"
     )
+    p.add_argument(
+        "--weights-root",
+        default=None,
+        help="load the models from DIR/<name>/ (save_bundle directories, e.g. freshly trained, not installed)",
+    )
     p.add_argument("--random-weights", action="store_true", help="SMOKE TEST: untrained weights")
     p.add_argument("--small", action="store_true", help="with --random-weights: the reduced architectures")
     p.add_argument(
@@ -705,6 +715,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     return p
+
+
+def use_weights_root(path: str | os.PathLike[str]) -> None:
+    """Load the built-in models from ``path/<name>/`` instead of the package's weights (this process).
+
+    Raises:
+        ConfigError: ``path`` is not a directory.
+    """
+    from segquant_fx.errors import ConfigError
+    from segquant_fx.t2i import models as t2i_models
+
+    if not Path(path).is_dir():
+        raise ConfigError(f"--weights-root {str(path)!r} is not a directory")
+    t2i_models.WEIGHTS_ROOT = Path(path)
 
 
 def _select_methods(spec: str) -> list[Method]:
@@ -739,6 +763,8 @@ def main(argv: list[str] | None = None) -> int:
         methods = _select_methods(args.methods)
         if args.prompts < 2:
             raise ConfigError(f"--prompts {args.prompts}: the Frechet distance needs at least 2 prompts")
+        if args.weights_root is not None:
+            use_weights_root(args.weights_root)
         if args.ablation_base != "paper":
             ablation_base(args.ablation_base)  # unknown preset -> ConfigError now, not mid-run
         out = Path(args.out)
@@ -751,14 +777,13 @@ def main(argv: list[str] | None = None) -> int:
                 raise ConfigError(f"--resume: {json_path} is not valid JSON ({e}); remove it") from e
             if loaded.get("format") == RESULTS_FORMAT:
                 results = loaded
-        results["meta"] = {
+        args.run_info = {
             "date": time.strftime("%Y-%m-%d"),
             "device_name": torch.cuda.get_device_name()
             if args.device.startswith("cuda")
             else f"CPU ({os.cpu_count()} cores)",
             "torch": torch.__version__,
             "command": "python3 benchmarks/fidelity.py " + " ".join(sys.argv[1:] if argv is None else argv),
-            "ablation_base": args.ablation_base,
         }
 
         def save() -> None:
@@ -768,7 +793,7 @@ def main(argv: list[str] | None = None) -> int:
         for model in models:
             run_model(args, model, methods, results, save, log)
         md = markdown(results, methods)
-        results["meta"]["seconds"] = round(time.perf_counter() - t0, 1)
+        seconds = time.perf_counter() - t0
         why = bar_chart(results, methods, out / "fidelity.png")
         if why:
             log(why)
@@ -778,7 +803,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.md:
             write_section(Path(args.md), md)
             log(f"wrote the fidelity section of {args.md}")
-        log(f"results in {json_path} ({results['meta']['seconds']:.0f} s)")
+        log(f"results in {json_path} ({seconds:.0f} s)")
     except SegQuantError as e:
         print(f"fidelity: error: {e}", file=sys.stderr)
         return 2

@@ -196,3 +196,16 @@ def test_smoke_run_small_mmdit_then_resume(tmp_path, capsys):
     captured = capsys.readouterr()
     assert "every method done before" in captured.err
     assert json.loads((out / "fidelity.json").read_text())["models"]["mmdit"]["methods"]["abl-none"] == q
+
+
+def test_weights_root(tmp_path, monkeypatch, capsys):
+    from segquant_fx.t2i import models
+    from segquant_fx.t2i.demo import load_demo_model
+
+    monkeypatch.setattr(models, "WEIGHTS_ROOT", models.WEIGHTS_ROOT)  # restored after the test
+    small = models.build_bundle(models.small_spec("unet"))
+    models.save_bundle(small, tmp_path / "root" / "unet", card={"note": "fresh"})
+    fidelity.use_weights_root(tmp_path / "root")
+    assert load_demo_model("unet").card["note"] == "fresh"
+    assert fidelity.main(["--weights-root", str(tmp_path / "missing")]) == 2
+    assert "is not a directory" in capsys.readouterr().err

@@ -123,7 +123,7 @@ def test_summary_caps_identical_pairs():
     assert s["psnr"] == pytest.approx((100.0 + s["psnr_per_image"][1]) / 2)
 
 
-@settings(max_examples=20, deadline=None)
+@settings(max_examples=10, deadline=None)
 @given(seed=st.integers(0, 10_000), scale=st.floats(0.0, 0.5))
 def test_symmetric_and_bounded(seed, scale):
     a = _images(seed, n=1, size=12)
