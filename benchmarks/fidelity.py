@@ -500,7 +500,22 @@ def ablation_verdict(rows: dict[str, Any]) -> dict[str, Any]:
     out["reproduced"] = out["psnr"]["reproduced"] and out["ssim"]["reproduced"]
     head = "Paper's ablation order (baseline < +SegLinear, +DualScale < both) "
     head += "reproduced on PSNR and SSIM. " if out["reproduced"] else "NOT fully reproduced. "
-    out["text"] = head + " ".join(parts)
+    base = rows["abl-none"]
+    gains = ", ".join(
+        f"{names[m]} {_num(rows[m]['psnr']) - _num(base['psnr']):+.2f} dB / "
+        f"{_num(rows[m]['ssim']) - _num(base['ssim']):+.4f}"
+        for m in ABLATION_IDS[1:]
+    )
+    tail = f" Gains over the baseline (PSNR / SSIM): {gains}."
+    violations = out["psnr"]["violations"] + out["ssim"]["violations"]
+    if violations and all(v["within_noise"] for v in violations):
+        tail += (
+            " Every violated step is within 2 standard errors of the per-image differences: this prompt set "
+            "cannot separate those rows (more prompts would)."
+        )
+    elif violations:
+        tail += " At least one violated step is beyond 2 standard errors: a real difference on this model."
+    out["text"] = head + " ".join(parts) + tail
     return out
 
 

@@ -110,6 +110,7 @@ def test_ablation_verdict_reproduced():
     v = fidelity.ablation_verdict(rows)
     assert v["complete"] and v["reproduced"] and v["psnr"]["reproduced"] and v["ssim"]["reproduced"]
     assert v["text"].startswith("Paper's ablation order") and "reproduced on PSNR and SSIM" in v["text"]
+    assert "+SegLinear +1.00 dB / +0.0100" in v["text"] and "standard errors" not in v["text"]
 
 
 def test_ablation_verdict_names_violations_and_noise():
@@ -130,6 +131,8 @@ def test_ablation_verdict_names_violations_and_noise():
     assert viol[("abl-dualscale", "abl-both")]["paired_mean"] == pytest.approx(-1.0)
     assert "NOT fully reproduced" in v["text"] and "both is not above +DualScale" in v["text"]
     assert "beyond 2 standard errors" in v["text"] and "within 2 standard errors" in v["text"]
+    assert "a real difference on this model" in v["text"]
+    assert "+DualScale +5.00 dB" in v["text"]  # gains over the baseline
 
 
 def test_ablation_verdict_incomplete():
@@ -209,3 +212,18 @@ def test_weights_root(tmp_path, monkeypatch, capsys):
     assert load_demo_model("unet").card["note"] == "fresh"
     assert fidelity.main(["--weights-root", str(tmp_path / "missing")]) == 2
     assert "is not a directory" in capsys.readouterr().err
+
+
+def test_ablation_verdict_all_within_noise():
+    rows = _rows(
+        {
+            "abl-none": [20.0, 22.0, 24.0],
+            "abl-seglinear": [21.0, 21.0, 23.9],  # slightly lower on average, noisy
+            "abl-dualscale": [21.0, 23.0, 25.0],
+            "abl-both": [22.0, 24.0, 26.0],
+        }
+    )
+    v = fidelity.ablation_verdict(rows)
+    assert v["reproduced"] is False
+    assert all(x["within_noise"] for x in v["psnr"]["violations"] + v["ssim"]["violations"])
+    assert "cannot separate those rows" in v["text"]
