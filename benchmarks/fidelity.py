@@ -49,13 +49,21 @@ Methods with identical configs are quantized once. The script states whether the
 (baseline < +SegLinear, +DualScale < both, on PSNR and on SSIM) is reproduced, and where not, whether the
 violated step is within the per-image noise (paired mean difference within two standard errors).
 
-Outputs: a markdown table per model (stdout; ``--md FILE`` replaces the file's ``## Fidelity`` section or
-appends one), ``fidelity.json`` (every number, per-image values, settings; written after each method,
+Outputs: a markdown table per model in the results (stdout; ``--md FILE`` replaces the file's ``## Fidelity``
+section or appends one), ``fidelity.json`` (every number, per-image values, settings; written after each method,
 so ``--resume`` continues an interrupted run with the same settings) and ``fidelity.png`` (bar charts;
 needs matplotlib) in ``--out``.
 
 ``--random-weights`` (with ``--small`` for the reduced architectures) runs on untrained weights: a smoke
 test of the script, not a measurement.
+
+GPU sessions with a per-command time limit: run one model per command (each writes its own ``--out``; rerun
+the same command with ``--resume`` if it was cut off), then merge the JSON files where RESULTS.md lives::
+
+    python3 benchmarks/fidelity.py --device cuda --models mmdit --prompts 256 --calib-prompts 32 --out $OUT/fid-mmdit
+    python3 benchmarks/fidelity.py --device cuda --models unet --prompts 256 --calib-prompts 32 --out $OUT/fid-unet
+    python3 benchmarks/fidelity.py --models mmdit,unet --report-only --out fid \
+        --merge fid-mmdit/fidelity.json fid-unet/fidelity.json --md benchmarks/RESULTS.md
 """
 
 from __future__ import annotations
@@ -718,6 +726,18 @@ def build_parser() -> argparse.ArgumentParser:
         "--resume", action="store_true", help="keep finished methods of OUT/fidelity.json (same settings)"
     )
     p.add_argument(
+        "--merge",
+        nargs="+",
+        default=None,
+        metavar="JSON",
+        help="add the models of these fidelity.json files (e.g. one GPU run per model) to the results",
+    )
+    p.add_argument(
+        "--report-only",
+        action="store_true",
+        help="compute nothing: write the table, JSON and chart of the stored/merged results",
+    )
+    p.add_argument(
         "--weights-root",
         default=None,
         help="load the models from DIR/<name>/ (save_bundle directories, e.g. freshly trained, not installed)",
@@ -730,6 +750,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     return p
+
+
+def _read_results(path: Path, flag: str) -> dict[str, Any]:
+    from segquant_fx.errors import ConfigError
+
+    try:
+        loaded = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"{flag}: {path} is not a readable fidelity.json ({e})") from e
+    if not isinstance(loaded, dict) or loaded.get("format") != RESULTS_FORMAT or "models" not in loaded:
+        raise ConfigError(f"{flag}: {path} is not a format-{RESULTS_FORMAT} fidelity.json")
+    return loaded
 
 
 def use_weights_root(path: str | os.PathLike[str]) -> None:
@@ -786,12 +818,9 @@ def main(argv: list[str] | None = None) -> int:
         json_path = out / "fidelity.json"
         results: dict[str, Any] = {"format": RESULTS_FORMAT, "models": {}}
         if args.resume and json_path.is_file():
-            try:
-                loaded = json.loads(json_path.read_text())
-            except ValueError as e:
-                raise ConfigError(f"--resume: {json_path} is not valid JSON ({e}); remove it") from e
-            if loaded.get("format") == RESULTS_FORMAT:
-                results = loaded
+            results = _read_results(json_path, "--resume")
+        for extra in args.merge or ():
+            results["models"].update(_read_results(Path(extra), "--merge")["models"])
         args.run_info = {
             "date": time.strftime("%Y-%m-%d"),
             "device_name": torch.cuda.get_device_name()
@@ -806,6 +835,12 @@ def main(argv: list[str] | None = None) -> int:
 
         t0 = time.perf_counter()
         for model in models:
+            if args.report_only:
+                if model not in results["models"]:
+                    raise ConfigError(
+                        f"--report-only: no results for {model!r} in {json_path} or the --merge files"
+                    )
+                continue
             run_model(args, model, methods, results, save, log)
         md = markdown(results, methods)
         seconds = time.perf_counter() - t0

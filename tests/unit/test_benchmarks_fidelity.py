@@ -227,3 +227,40 @@ def test_ablation_verdict_all_within_noise():
     assert v["reproduced"] is False
     assert all(x["within_noise"] for x in v["psnr"]["violations"] + v["ssim"]["violations"])
     assert "cannot separate those rows" in v["text"]
+
+
+def test_merge_and_report_only(tmp_path, capsys):
+    rows = _rows({m: [20.0 + i, 21.0 + i] for i, m in enumerate(fidelity.ABLATION_IDS)})
+    for r in rows.values():
+        r.update(adherence={"overall": 0.5}, fd_float=0.1, fd_real=1.0, quantize_s=1.0)
+    settings = {
+        "model_class": "X", "small": False, "random_weights": False, "prompts": 2, "heldout_seed": 1234,
+        "steps": 2, "guidance": 1.0, "calib_prompts": 1, "ablation_base": "paper",
+    }  # fmt: skip
+    run = {"date": "d", "device_name": "NVIDIA H100", "torch": "t", "command": "c"}
+    for model in ("mmdit", "unet"):
+        data = {
+            "format": fidelity.RESULTS_FORMAT,
+            "models": {model: {"settings": settings, "methods": rows, "run": run}},
+        }
+        (tmp_path / f"{model}.json").write_text(json.dumps(data))
+    argv = ["--models", "mmdit,unet", "--methods", ",".join(fidelity.ABLATION_IDS), "--report-only"]
+    argv += [
+        "--out",
+        str(tmp_path / "merged"),
+        "--merge",
+        str(tmp_path / "mmdit.json"),
+        str(tmp_path / "unet.json"),
+    ]
+    assert fidelity.main(argv) == 0
+    out = capsys.readouterr().out
+    assert "### mmdit" in out and "### unet" in out and "on NVIDIA H100" in out
+    assert out.count("reproduced on PSNR and SSIM") == 2
+    merged = json.loads((tmp_path / "merged" / "fidelity.json").read_text())
+    assert set(merged["models"]) == {"mmdit", "unet"}
+    # nothing stored for flux: --report-only refuses instead of computing
+    assert fidelity.main([*argv[:1], "mmdit,flux", *argv[2:]]) == 2
+    assert "no results for 'flux'" in capsys.readouterr().err
+    (tmp_path / "bad.json").write_text("{}")
+    assert fidelity.main([*argv, str(tmp_path / "bad.json")]) == 2
+    assert "not a format-1 fidelity.json" in capsys.readouterr().err
