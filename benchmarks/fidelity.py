@@ -550,8 +550,8 @@ def _explain(entry: dict[str, Any]) -> str:
     )
 
 
-def markdown(results: dict[str, Any], methods: Sequence[Method]) -> str:
-    """The ``## Fidelity`` section: one table and one ablation verdict per model."""
+def markdown(results: dict[str, Any], methods: Sequence[Method], note: str | None = None) -> str:
+    """The ``## Fidelity`` section: one table and one ablation verdict per model (``note``: a paragraph after the intro)."""
     lines = [
         SECTION_TITLE,
         "",
@@ -570,6 +570,8 @@ def markdown(results: dict[str, Any], methods: Sequence[Method]) -> str:
         "same prompts). Ablation rows (`abl-*`): `--ablation-base paper` is the paper's Table 4 setting "
         "(per-tensor INT8 W8A8, SmoothQuant alpha 0.5, AMax); the same config is quantized once.",
     ]
+    if note:
+        lines += ["", note]
     for model, entry in results["models"].items():
         s = entry["settings"]
         run = entry.get("run", {})
@@ -733,6 +735,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="add the models of these fidelity.json files (e.g. one GPU run per model) to the results",
     )
     p.add_argument(
+        "--note", default=None, help="a paragraph to add to the markdown section (e.g. run context)"
+    )
+    p.add_argument(
         "--report-only",
         action="store_true",
         help="compute nothing: write the table, JSON and chart of the stored/merged results",
@@ -817,7 +822,7 @@ def main(argv: list[str] | None = None) -> int:
         out = Path(args.out)
         json_path = out / "fidelity.json"
         results: dict[str, Any] = {"format": RESULTS_FORMAT, "models": {}}
-        if args.resume and json_path.is_file():
+        if (args.resume or args.report_only) and json_path.is_file():
             results = _read_results(json_path, "--resume")
         for extra in args.merge or ():
             results["models"].update(_read_results(Path(extra), "--merge")["models"])
@@ -842,7 +847,7 @@ def main(argv: list[str] | None = None) -> int:
                     )
                 continue
             run_model(args, model, methods, results, save, log)
-        md = markdown(results, methods)
+        md = markdown(results, methods, args.note)
         seconds = time.perf_counter() - t0
         why = bar_chart(results, methods, out / "fidelity.png")
         if why:

@@ -244,7 +244,15 @@ def test_merge_and_report_only(tmp_path, capsys):
             "models": {model: {"settings": settings, "methods": rows, "run": run}},
         }
         (tmp_path / f"{model}.json").write_text(json.dumps(data))
-    argv = ["--models", "mmdit,unet", "--methods", ",".join(fidelity.ABLATION_IDS), "--report-only"]
+    argv = [
+        "--models",
+        "mmdit,unet",
+        "--methods",
+        ",".join(fidelity.ABLATION_IDS),
+        "--report-only",
+        "--note",
+        "N0TE",
+    ]
     argv += [
         "--out",
         str(tmp_path / "merged"),
@@ -255,7 +263,7 @@ def test_merge_and_report_only(tmp_path, capsys):
     assert fidelity.main(argv) == 0
     out = capsys.readouterr().out
     assert "### mmdit" in out and "### unet" in out and "on NVIDIA H100" in out
-    assert out.count("reproduced on PSNR and SSIM") == 2
+    assert out.count("reproduced on PSNR and SSIM") == 2 and "\nN0TE\n" in out
     merged = json.loads((tmp_path / "merged" / "fidelity.json").read_text())
     assert set(merged["models"]) == {"mmdit", "unet"}
     # nothing stored for flux: --report-only refuses instead of computing
