@@ -949,6 +949,8 @@ class _Run:
         except (_Timeout, Exception) as e:  # noqa: BLE001 - a failing variant never stops the run
             status = "timeout" if isinstance(e, _Timeout) else "error"
             msg = f"setup failed: {type(e).__name__}: {str(e)[:400]}"
+            if v.kind == "segquant":  # the alarm can fire before prepare() records the failure itself
+                self.failed.setdefault(v.scheme, f"{type(e).__name__}: {str(e)[:200]}")
             self.log(f"{v.name}: {msg}")
             self._skip_all(v, self.batches, status, msg, _short_tb(e))
             traceback.clear_frames(e.__traceback__)
