@@ -553,8 +553,10 @@ def _deadline(seconds: float | None) -> Iterator[None]:
     def handler(signum: int, frame: Any) -> None:
         raise _Timeout(f"interrupted after {seconds:.0f} s (--time-budget-s / --variant-timeout-s)")
 
+    # The timer repeats every 0.2 s until the block exits: Python swallows an exception raised while a gc
+    # callback runs (hypothesis installs one), so a single alarm could be lost and the block run on.
     old = signal.signal(signal.SIGALRM, handler)
-    signal.setitimer(signal.ITIMER_REAL, max(0.01, float(seconds)))
+    signal.setitimer(signal.ITIMER_REAL, max(0.01, float(seconds)), 0.2)
     try:
         yield
     finally:

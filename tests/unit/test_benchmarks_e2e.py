@@ -304,6 +304,32 @@ def test_variant_timeout_interrupts_and_skips_the_preset(tmp_path, one_thread):
     assert compiled["status"] == "skipped" and "failed earlier" in compiled["note"]
 
 
+def test_deadline_fires_again_when_the_first_alarm_is_swallowed():
+    """Python drops an exception raised inside a gc callback; the deadline must still end the block."""
+    import time
+
+    caught = 0
+    with pytest.raises(e2e._Timeout):
+        with e2e._deadline(0.02):
+            t0 = time.perf_counter()
+            while time.perf_counter() - t0 < 5.0:
+                try:
+                    time.sleep(0.01)
+                except e2e._Timeout:
+                    caught += 1  # what a swallowing gc callback does to the first alarm
+                    if caught > 1:
+                        raise
+    assert caught == 2
+
+
+def test_deadline_is_cancelled_after_the_block():
+    import time
+
+    with e2e._deadline(0.05):
+        pass
+    time.sleep(0.4)  # a still-armed repeating timer would raise here
+
+
 def test_missing_torchao_is_skipped_with_a_note(tmp_path, one_thread, monkeypatch):
     monkeypatch.setitem(sys.modules, "torchao", None)  # import fails as if not installed
     argv = "--model tiny-sd3 --device cpu --variants torchao_int8_compile --threads 1 --quiet"
