@@ -5,7 +5,11 @@
 #     bash benchmarks/gpu_session.sh          # on the GPU machine, repo root, carry .whl and kernels_cuda/build
 #
 # Env: OUT (results, default /tmp/segquant_gpu), TRAIN_BUDGET_S (training seconds per model, default 330;
-# 0 skips training), PYTEST_TIMEOUT (300), BENCH_TIMEOUT (150; 0 skips the benchmark).
+# 0 skips training), TRAIN_MODEL (mmdit|flux|unet|all, default all), TRAIN_ARGS (extra train_t2i.py
+# arguments, e.g. "--no-amp"), PYTEST_TIMEOUT (300), BENCH_TIMEOUT (150; 0 skips the benchmark),
+# BENCH_ARGS (extra benchmarks/kernels.py arguments, e.g. "--variants sq_gemm_int8,sm80_sq_gemm_int8").
+# The next FLUX retry: TRAIN_MODEL=flux TRAIN_ARGS=--no-amp TRAIN_BUDGET_S=170 (bf16 autocast crashed
+# cuBLAS at the first backward on 2026-12-08).
 # Leaves $OUT/t2i-*.tar (weights, cards, sample grids) and $OUT/logs.tar (summary.json, pytest_gpu.log,
 # env.txt, kernels_quick.json, bench_quick.log, train.log, ...); prints a summary first.
 set -u
@@ -21,8 +25,9 @@ export PYTHONPATH="${PYTHONPATH:-$PWD}"
 
 train_pid=""
 if [ "${TRAIN_BUDGET_S:-330}" != "0" ]; then
-  python3 benchmarks/train_t2i.py --model all --device cuda --time-budget-s "${TRAIN_BUDGET_S:-330}" \
-    --out "$OUT/t2i" --pack tar > "$OUT/train.log" 2>&1 &
+  # shellcheck disable=SC2086  # TRAIN_ARGS is a list of arguments
+  python3 benchmarks/train_t2i.py --model "${TRAIN_MODEL:-all}" --device cuda --time-budget-s "${TRAIN_BUDGET_S:-330}" \
+    --out "$OUT/t2i" --pack tar ${TRAIN_ARGS:-} > "$OUT/train.log" 2>&1 &
   train_pid=$!
 fi
 
@@ -37,7 +42,8 @@ if [ -n "$train_pid" ]; then
 fi
 
 if [ "${BENCH_TIMEOUT:-150}" != "0" ]; then
-  timeout "${BENCH_TIMEOUT:-150}" python3 benchmarks/kernels.py --quick --out "$OUT/kernels_quick.json" \
+  # shellcheck disable=SC2086
+  timeout "${BENCH_TIMEOUT:-150}" python3 benchmarks/kernels.py --quick --out "$OUT/kernels_quick.json" ${BENCH_ARGS:-} \
     > "$OUT/bench_quick.log" 2>&1
   echo "benchmark exit $?" >> "$OUT/bench_quick.log"
 fi

@@ -22,6 +22,9 @@ dual_linear_int8    DualScale: ``quantize_dual`` + ``qlinear(dual=True)`` (``sq_
 dual_linear_fp8     the same with fp8 e4m3
 w4a8_linear_int8    W4A8: static per-tensor int8 quantize + qlinear with a packed int4 weight (unpacked to
                     int8 scratch each call, then sq_gemm: Hopper has no int4 tensor cores)
+sm80_<variant>      opt-in (``--variants``): a segquant variant above on the CUTLASS 2 kernels (the sm_80 /
+                    sm_89 path, forced on Hopper with ``cuda_kernels.gemm_path("sm80")``), e.g.
+                    sm80_sq_gemm_int8, sm80_sq_gemm_fp8, sm80_dual_linear_int8
 =================== ================================================================================
 
 The summary also gives the segment and DualScale costs: ``seg24 / q+sq`` and ``dual / q+sq`` are the
@@ -94,6 +97,9 @@ VARIANTS = (
     "dual_linear_fp8",
     "w4a8_linear_int8",
 )
+#: Opt-in variants: the named segquant variant on the CUTLASS 2 GEMM path.
+SM80_PREFIX = "sm80_"
+SM80_VARIANTS = tuple(SM80_PREFIX + v for v in VARIANTS if v.startswith(("sq_", "seg24", "dual", "w4a8")))
 BASELINE_8BIT = {
     "sq_gemm_int8": "int_mm",
     "sq_linear_int8": "int_mm",
@@ -288,6 +294,7 @@ def _variant_fn(name: str, rot: Rotation, k: int) -> tuple[Callable[[], Any], Ca
     """(timed closure, a function computing the output of one set for checking) of a variant."""
     ops = torch.ops.segquant
     heads = [k // 24] * 24
+    name = _base(name)
 
     def one(s: dict) -> Any:
         if name == "bf16_linear":
@@ -373,8 +380,34 @@ def _variant_fn(name: str, rot: Rotation, k: int) -> tuple[Callable[[], Any], Ca
     return timed, (one if name.startswith(("sq_", "seg24", "dual", "w4a8")) else None)
 
 
+def _base(name: str) -> str:
+    """The variant an ``sm80_`` variant runs (itself for the others)."""
+    return name[len(SM80_PREFIX) :] if name.startswith(SM80_PREFIX) else name
+
+
+def _gemm_path_for(name: str) -> Any:
+    """The CUTLASS 2 GEMM path for ``sm80_`` variants, else nothing."""
+    import contextlib
+
+    from segquant_fx.ops import cuda_kernels as ck
+
+    if not name.startswith(SM80_PREFIX) or not (ck.is_available() and ck.has_sm80_gemm()):
+        return contextlib.nullcontext()  # no path switch: _path_of labels the variant a fallback
+    return ck.gemm_path("sm80")
+
+
 def _path_of(name: str, m: int, k: int, n: int) -> tuple[str, str]:
     """('cuda' | 'fallback' | 'torch', note) for a variant."""
+    if name.startswith(SM80_PREFIX):
+        from segquant_fx.ops import cuda_kernels as ck
+
+        if not ck.is_available() or DEVICE != "cuda":
+            return "fallback", f"library unavailable: {ck.unavailable_reason()}"
+        if not ck.has_sm80_gemm():
+            return "fallback", "no CUTLASS 2 GEMM path in the loaded library (API version 1)"
+        with ck.gemm_path("sm80"):
+            path, note = _path_of(_base(name), m, k, n)
+        return path, ("CUTLASS 2 path; " + note).rstrip("; ")
     if not name.startswith(("sq_", "seg24", "dual", "w4a8")):
         note = {
             "int_mm": "int32 out, no scale/bias",
@@ -416,7 +449,6 @@ def run_case(m: int, k: int, n: int, args: argparse.Namespace, seed: int) -> lis
     sets = _make_sets(m, k, n, _n_sets(bytes_per_set, args.max_sets), seed)
     rot = Rotation(sets)
     results: dict[str, Result] = {}
-    flops = 2.0 * m * n * k
     for name in args.variants:
         r = Result(m, k, n, name)
         r.path, r.note = _path_of(name, m, k, n)
@@ -425,42 +457,52 @@ def run_case(m: int, k: int, n: int, args: argparse.Namespace, seed: int) -> lis
             r.error = "n/a: torch._int_mm needs M > 16"
             continue
         timed, one = _variant_fn(name, rot, k)
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", RuntimeWarning)
-                one_out = timed()  # compile / load / first-call costs outside the timing
-                _sync()
-                del one_out
-                ms = _do_bench(
-                    timed, args.warmup_ms, args.rep_ms if r.path != "fallback" else args.rep_ms / 4
-                )
-        except Exception as e:  # noqa: BLE001 - a benchmark reports failures, it never stops on them
-            r.error = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
-            if args.verbose:
-                traceback.print_exc()
-            continue
-        r.eager_us = ms * 1000
-        r.timing = "eager"
-        if one is not None and r.path != "fallback" and not args.eager:
-            gms = _graph_bench(one, sets, args.warmup_ms, args.rep_ms)
-            if gms is not None:
-                ms = gms
-                r.timing = "graph"
-        r.us = ms * 1000
-        r.tflops = flops / (ms * 1e-3) / 1e12
-        r.pct_peak = 100 * r.tflops / PEAK_8BIT_TFLOPS
-        if args.check and one is not None:
-            r.rel_err = _check(one, sets[0])
+        with _gemm_path_for(name):
+            _time_variant(r, timed, one, sets, args)
     base = results.get("bf16_linear")
     for r in results.values():
         if r.us is None:
             continue
         if base is not None and base.us:
             r.vs_bf16 = base.us / r.us
-        b8 = results.get(BASELINE_8BIT.get(r.variant, ""))
+        b8 = results.get(BASELINE_8BIT.get(_base(r.variant), ""))
         if b8 is not None and b8.us:
             r.vs_8bit = b8.us / r.us
     return list(results.values())
+
+
+def _time_variant(
+    r: Result,
+    timed: Callable[[], Any],
+    one: Callable[[dict], Any] | None,
+    sets: list[dict],
+    args: argparse.Namespace,
+) -> None:
+    """Time one variant into ``r`` (eager, then CUDA graph when capturable) and check its output."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            one_out = timed()  # compile / load / first-call costs outside the timing
+            _sync()
+            del one_out
+            ms = _do_bench(timed, args.warmup_ms, args.rep_ms if r.path != "fallback" else args.rep_ms / 4)
+    except Exception as e:  # noqa: BLE001 - a benchmark reports failures, it never stops on them
+        r.error = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
+        if args.verbose:
+            traceback.print_exc()
+        return
+    r.eager_us = ms * 1000
+    r.timing = "eager"
+    if one is not None and r.path != "fallback" and not args.eager:
+        gms = _graph_bench(one, sets, args.warmup_ms, args.rep_ms)
+        if gms is not None:
+            ms = gms
+            r.timing = "graph"
+    r.us = ms * 1000
+    r.tflops = 2.0 * r.m * r.n * r.k / (ms * 1e-3) / 1e12
+    r.pct_peak = 100 * r.tflops / PEAK_8BIT_TFLOPS
+    if args.check and one is not None:
+        r.rel_err = _check(one, sets[0])
 
 
 def _check(one: Callable[[dict], Any], s: dict) -> float | None:
@@ -602,9 +644,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="cuda", help=argparse.SUPPRESS)  # "cpu": smoke test of the script
     args = p.parse_args(argv)
     args.variants = [v for v in args.variants.split(",") if v]
-    unknown = [v for v in args.variants if v not in VARIANTS]
+    unknown = [v for v in args.variants if v not in VARIANTS + SM80_VARIANTS]
     if unknown:
-        print(f"unknown variants {unknown}; use {', '.join(VARIANTS)}", file=sys.stderr)
+        print(f"unknown variants {unknown}; use {', '.join(VARIANTS + SM80_VARIANTS)}", file=sys.stderr)
         return 0
     global DEVICE
     DEVICE = args.device

@@ -16,7 +16,7 @@
 extern "C" {
 #endif
 
-#define SQ_API_VERSION 1
+#define SQ_API_VERSION 2 /* 2: sq_set_gemm_path and the CUTLASS 2 (sm_80 / sm_89) GEMM path */
 #define SQ_MAX_SEGMENTS 64
 
 typedef enum {
@@ -85,7 +85,7 @@ sq_status sq_gemm(const void* A, const void* B, sq_dtype ab_dtype, void* D, sq_d
                   int64_t N, int64_t K, const float* row_scale, const float* col_scale, const void* bias,
                   void* workspace, size_t workspace_size, void* stream);
 
-/* Segmented / DualScale GEMM (sm_90a):
+/* Segmented / DualScale GEMM (sm_90a; CUTLASS 2 path on sm_80+, see sq_set_gemm_path):
  * D[m, n] = row_scale[m] * col_scale[n] * sum_h sum_s seg_scale[h * segs.n + s] *
  *           sum_{k in segment s} A[m, h * K + k] * B[n, k]  + bias[n]
  * A: [M, halves * K] row-major (halves = 2: DualScale, A = [Q+ | Q-] from sq_quantize_dual; both halves
@@ -101,6 +101,16 @@ sq_status sq_gemm_segmented(const void* A, const void* B, sq_dtype ab_dtype, voi
                             int64_t M, int64_t N, int64_t K, int32_t halves, sq_segments segs,
                             const float* seg_scale, const float* row_scale, const float* col_scale,
                             const void* bias, void* workspace, size_t workspace_size, void* stream);
+
+/* Which GEMM implementation sq_gemm / sq_gemm_segmented use.
+ * SQ_PATH_AUTO (default): sm_90 devices run the sm_90a kernels (CUTLASS 3, wgmma); sm_80 and later
+ * others run the CUTLASS 2 kernels (mma.sync: int8 on sm_80+, fp8 on sm_89+; their segmented GEMM
+ * accumulates one segment at a time into a float32 workspace of M * N * 4 bytes).
+ * SQ_PATH_SM80 forces the CUTLASS 2 kernels, also on sm_90 (how the tests check them on Hopper);
+ * SQ_PATH_SM90 allows only the sm_90a kernels (SQ_ERR_ARCH elsewhere). Process-wide; returns the
+ * previous setting (an unknown value is ignored and leaves the setting unchanged). */
+typedef enum { SQ_PATH_AUTO = 0, SQ_PATH_SM90 = 1, SQ_PATH_SM80 = 2 } sq_gemm_path;
+sq_gemm_path sq_set_gemm_path(sq_gemm_path path);
 
 /* Packed int4 (two per byte along the last dim, low nibble = even element) -> int8, [rows, K] values:
  * packed is [rows, K/2] bytes, out [rows, K] int8. K must be even. The W4A8 / W4A4 GEMM path of the

@@ -2,11 +2,14 @@
 #include <stdarg.h>
 #include <stdio.h>
 
+#include <atomic>
+
 #include "common.cuh"
 
 namespace {
 constexpr int kErrorLen = 1024;
 thread_local char g_last_error[kErrorLen] = "";
+std::atomic<int> g_gemm_path{SQ_PATH_AUTO};
 }  // namespace
 
 namespace sq {
@@ -16,6 +19,40 @@ void set_last_error(const char* fmt, ...) {
   vsnprintf(g_last_error, kErrorLen, fmt, ap);
   va_end(ap);
 }
+
+GemmTarget gemm_target() {
+  GemmTarget t;
+  int dev = 0;
+  if (cudaGetDevice(&dev) != cudaSuccess) return t;
+  int major = 0, minor = 0;
+  cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev);
+  cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, dev);
+  t.cc = major * 10 + minor;
+  const int want = g_gemm_path.load(std::memory_order_relaxed);
+  if (t.cc == 90 && want != SQ_PATH_SM80) {
+    t.path = GemmPath::kSm90;
+  } else if (major >= 8 && want != SQ_PATH_SM90) {
+    t.path = GemmPath::kSm80;  // a part the library was not built for fails its launch with SQ_ERR_ARCH
+  }
+  return t;
+}
+
+sq_status no_gemm_path(const char* op, GemmTarget t) {
+  if (t.cc == 0) {
+    set_last_error("%s: no current CUDA device", op);
+  } else {
+    set_last_error("%s: no GEMM for sm_%d (sm_90a kernels need sm_90, the CUTLASS 2 kernels sm_80+; gemm path %d)",
+                   op, t.cc, g_gemm_path.load());
+  }
+  return SQ_ERR_ARCH;
+}
+
+sq_status check_fp8_cc(const char* op, GemmTarget t, sq_dtype ab) {
+  if (ab != SQ_FP8E4M3 || t.cc >= 89) return SQ_OK;
+  set_last_error("%s: fp8 e4m3 GEMMs need sm_89 or newer, this device is sm_%d", op, t.cc);
+  return SQ_ERR_UNSUPPORTED;
+}
+
 }  // namespace sq
 
 extern "C" {
@@ -39,5 +76,12 @@ const char* sq_status_string(sq_status s) {
 }
 
 const char* sq_last_error(void) { return g_last_error; }
+
+sq_gemm_path sq_set_gemm_path(sq_gemm_path path) {
+  if (path != SQ_PATH_AUTO && path != SQ_PATH_SM90 && path != SQ_PATH_SM80) {
+    return static_cast<sq_gemm_path>(g_gemm_path.load());
+  }
+  return static_cast<sq_gemm_path>(g_gemm_path.exchange(path));
+}
 
 }  // extern "C"

@@ -64,15 +64,19 @@ inline bool check_segments(const sq_segments& s, int64_t K, const char* op) {
   return true;
 }
 
-// Whether the calling thread's current device is sm_90 (the CUTLASS GEMMs are built for sm_90a only).
-inline bool device_is_sm90() {
-  int dev = 0;
-  if (cudaGetDevice(&dev) != cudaSuccess) return false;
-  int major = 0, minor = 0;
-  cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev);
-  cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, dev);
-  return major == 9 && minor == 0;
-}
+// Which GEMM implementation runs on the calling thread's current device (sq_set_gemm_path, api.cu).
+enum class GemmPath { kNone, kSm90, kSm80 };
+struct GemmTarget {
+  GemmPath path = GemmPath::kNone;
+  int cc = 0;  // compute capability of the current device, major * 10 + minor (0: no device)
+};
+GemmTarget gemm_target();
+
+// The status for "no GEMM path for this device" (records the reason for sq_last_error()).
+sq_status no_gemm_path(const char* op, GemmTarget t);
+
+// fp8 e4m3 mma.sync needs sm_89+: SQ_OK, or SQ_ERR_UNSUPPORTED with the reason recorded.
+sq_status check_fp8_cc(const char* op, GemmTarget t, sq_dtype ab);
 
 inline bool aligned(const void* p, int64_t bytes) { return ((uintptr_t)p % (uintptr_t)bytes) == 0; }
 

@@ -1,9 +1,11 @@
 // sq_gemm_segmented / sq_gemm_segmented_workspace_size: argument checks, the k-tile segment table,
-// and dispatch to the sm_90a CUTLASS kernels of gemm_seg_sm90_*.cu. Any other architecture: SQ_ERR_ARCH.
+// and dispatch by sq::gemm_target() to the sm_90a CUTLASS kernels of gemm_seg_sm90_*.cu or the CUTLASS 2
+// per-segment loop of gemm_sm80.cuh. No path for the device: SQ_ERR_ARCH.
 #include <cuda_runtime.h>
 
 #include "common.cuh"
 #include "gemm_seg_table.h"
+#include "gemm_sm80_entry.h"
 #include "segquant_kernels.h"
 
 namespace {
@@ -46,6 +48,9 @@ extern "C" size_t sq_gemm_segmented_workspace_size(sq_dtype ab_dtype, sq_dtype o
   one.n = 1;
   one.offsets[1] = (int32_t)K;
   if (make_table(ab_dtype, out_dtype, M, N, K, halves, one, nullptr, t) != SQ_OK) return 0;
+  if (sq::gemm_target().path == sq::GemmPath::kSm80) {
+    return size_t(M) * size_t(N) * sizeof(float);  // the float32 partial sums of the per-segment loop
+  }
   return ab_dtype == SQ_INT8 ? segquant::seg_gemm_workspace_int8(out_dtype, (int)M, (int)N, (int)K, t)
                              : segquant::seg_gemm_workspace_fp8(out_dtype, (int)M, (int)N, (int)K, t);
 }
@@ -61,11 +66,22 @@ extern "C" sq_status sq_gemm_segmented(const void* A, const void* B, sq_dtype ab
     sq::set_last_error("sq_gemm_segmented: A, B, D, seg_scale and col_scale must not be NULL");
     return SQ_ERR_INVALID;
   }
-  if (!sq::device_is_sm90()) return SQ_ERR_ARCH;
+  const sq::GemmTarget target = sq::gemm_target();
   auto s = static_cast<cudaStream_t>(stream);
-  return ab_dtype == SQ_INT8
-             ? segquant::seg_gemm_run_int8(A, B, D, out_dtype, (int)M, (int)N, (int)K, t, row_scale, col_scale,
-                                           bias, workspace, workspace_size, s)
-             : segquant::seg_gemm_run_fp8(A, B, D, out_dtype, (int)M, (int)N, (int)K, t, row_scale, col_scale,
-                                          bias, workspace, workspace_size, s);
+  const int m = (int)M, n = (int)N, k = (int)K;
+  switch (target.path) {
+    case sq::GemmPath::kSm90:
+      return ab_dtype == SQ_INT8 ? segquant::seg_gemm_run_int8(A, B, D, out_dtype, m, n, k, t, row_scale, col_scale,
+                                                               bias, workspace, workspace_size, s)
+                                 : segquant::seg_gemm_run_fp8(A, B, D, out_dtype, m, n, k, t, row_scale, col_scale,
+                                                              bias, workspace, workspace_size, s);
+    case sq::GemmPath::kSm80:
+      if ((st = sq::check_fp8_cc("sq_gemm_segmented", target, ab_dtype)) != SQ_OK) return st;
+      return ab_dtype == SQ_INT8 ? segquant::seg_gemm80_run_int8(A, B, D, out_dtype, m, n, k, t, row_scale,
+                                                                 col_scale, bias, workspace, workspace_size, s)
+                                 : segquant::seg_gemm80_run_fp8(A, B, D, out_dtype, m, n, k, t, row_scale,
+                                                                col_scale, bias, workspace, workspace_size, s);
+    default:
+      return sq::no_gemm_path("sq_gemm_segmented", target);
+  }
 }

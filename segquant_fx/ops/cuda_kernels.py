@@ -36,13 +36,13 @@ import math
 import os
 import threading
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from segquant_fx.errors import SegQuantError
+from segquant_fx.errors import ConfigError, SegQuantError
 from segquant_fx.ops import reference as _ref
 from segquant_fx.ops.formats import QTypeInfo, segment_offsets
 
@@ -68,6 +68,12 @@ __all__ = [
     "GemmRoute",
     "has_segmented_gemm",
     "has_unpack_int4",
+    "has_sm80_gemm",
+    "set_gemm_path",
+    "gemm_path",
+    "current_gemm_path",
+    "GEMM_PATHS",
+    "COMPATIBLE_API_VERSIONS",
     "SEG_TILE_K",
     "qlinear_unsupported_reason",
     "quantize_unsupported_reason",
@@ -76,7 +82,11 @@ __all__ = [
 #: Environment variable naming the library file to load (first in the search order).
 ENV_LIBRARY = "SEGQUANT_KERNELS_LIB"
 #: The ``SQ_API_VERSION`` this binding was written for.
-API_VERSION = 1
+API_VERSION = 2
+#: Library API versions this binding loads (2 only adds ``sq_set_gemm_path`` and the sm_80 / sm_89 GEMMs).
+COMPATIBLE_API_VERSIONS = (1, 2)
+#: ``sq_gemm_path`` values of :func:`set_gemm_path`.
+GEMM_PATHS = {"auto": 0, "sm90": 1, "sm80": 2}
 #: ``SQ_MAX_SEGMENTS`` of the C API.
 MAX_SEGMENTS = 64
 LIBRARY_NAME = "libsegquant_kernels.so"
@@ -117,6 +127,8 @@ _reason: str | None = None
 _has_gemm = False
 _has_seg_gemm = False
 _has_unpack = False
+_has_gemm_path = False
+_current_path = "auto"  # the sq_set_gemm_path setting, mirrored (set_gemm_path)
 
 
 def _repo_root() -> Path:
@@ -213,11 +225,15 @@ def _declare(lib: ctypes.CDLL) -> None:
     if hasattr(lib, "sq_unpack_int4"):
         lib.sq_unpack_int4.restype = c_int
         lib.sq_unpack_int4.argtypes = [c_vp, c_vp, c_i64, c_i64, c_vp]
+    if hasattr(lib, "sq_set_gemm_path"):
+        lib.sq_set_gemm_path.restype = c_int
+        lib.sq_set_gemm_path.argtypes = [c_int]
 
 
 def _load() -> None:
-    global _lib, _lib_path, _reason, _has_gemm, _has_seg_gemm, _has_unpack
+    global _lib, _lib_path, _reason, _has_gemm, _has_seg_gemm, _has_unpack, _has_gemm_path
     _lib, _lib_path, _has_gemm, _has_seg_gemm, _has_unpack = None, None, False, False, False
+    _has_gemm_path = False
     errors: list[str] = []
     for path in candidate_paths():
         if not path.is_file():
@@ -238,14 +254,17 @@ def _load() -> None:
             continue
         lib.sq_api_version.restype = ctypes.c_int
         version = lib.sq_api_version()
-        if version != API_VERSION:
-            errors.append(f"{path}: sq_api_version() = {version}, this binding needs {API_VERSION}; rebuild")
+        if version not in COMPATIBLE_API_VERSIONS:
+            errors.append(
+                f"{path}: sq_api_version() = {version}, this binding loads {list(COMPATIBLE_API_VERSIONS)}; rebuild"
+            )
             continue
         _declare(lib)
         _lib, _lib_path = lib, path
         _has_gemm = hasattr(lib, "sq_gemm")
         _has_seg_gemm = hasattr(lib, "sq_gemm_segmented")
         _has_unpack = hasattr(lib, "sq_unpack_int4")
+        _has_gemm_path = hasattr(lib, "sq_set_gemm_path")
         _reason = None
         return
     _reason = (
@@ -288,6 +307,49 @@ def has_unpack_int4() -> bool:
 def has_segmented_gemm() -> bool:
     """Whether the loaded library has ``sq_gemm_segmented`` (input-segmented and DualScale qlinear)."""
     return _lib is not None and _has_seg_gemm
+
+
+def has_sm80_gemm() -> bool:
+    """Whether the loaded library has the CUTLASS 2 GEMM path (sm_80+; API version 2, ``sq_set_gemm_path``)."""
+    return _lib is not None and _has_gemm_path
+
+
+def set_gemm_path(path: str) -> str:
+    """Choose the library's GEMM implementation for this process; returns the previous choice.
+
+    Args:
+        path: ``"auto"`` (sm_90 runs the sm_90a kernels, sm_80..sm_89 the CUTLASS 2 kernels), ``"sm80"``
+            (the CUTLASS 2 kernels everywhere, also on Hopper: how tests/gpu checks them on an H100) or
+            ``"sm90"`` (only the sm_90a kernels).
+
+    Raises:
+        KernelLaunchError: the library is not loaded or predates the switch (API version 1).
+        ConfigError: ``path`` is not one of the names above.
+    """
+    global _current_path
+    if path not in GEMM_PATHS:
+        raise ConfigError(f"unknown GEMM path {path!r}; use one of {sorted(GEMM_PATHS)}")
+    lib = _require_lib("set_gemm_path")
+    if not _has_gemm_path:
+        raise KernelLaunchError(f"{_lib_path} has no sq_set_gemm_path (API version 1); rebuild the kernels")
+    prev = int(lib.sq_set_gemm_path(GEMM_PATHS[path]))
+    _current_path = path
+    return {v: k for k, v in GEMM_PATHS.items()}.get(prev, "auto")
+
+
+@contextlib.contextmanager
+def gemm_path(path: str) -> Iterator[None]:
+    """Run the block with :func:`set_gemm_path` ``(path)``, restoring the previous choice after."""
+    prev = set_gemm_path(path)
+    try:
+        yield
+    finally:
+        set_gemm_path(prev)
+
+
+def current_gemm_path() -> str:
+    """The library's GEMM path setting (``"auto"`` unless :func:`set_gemm_path` changed it)."""
+    return _current_path
 
 
 # --------------------------------------------------------------------------------------------------
@@ -608,6 +670,23 @@ def _scale_variation(x_scale: torch.Tensor | None) -> tuple[bool, bool]:
     return math.prod(x_scale.shape[:-1]) > 1, x_scale.shape[-1] > 1
 
 
+def _arch_reason(cap: tuple[int, int], xq: str) -> str | None:
+    """Why the library has no GEMM for a device of compute capability ``cap`` (None when it has one)."""
+    sm = f"sm_{cap[0]}{cap[1]}"
+    path = current_gemm_path()
+    if cap == (9, 0) and path != "sm80":
+        return None
+    if path == "sm90":
+        return f"the GEMM path is forced to sm90 (set_gemm_path) and this device is {sm}"
+    if cap[0] < 8:
+        return f"the GEMMs need sm_80 or newer (CUTLASS 2 path) or sm_90 (sm_90a path); this device is {sm}"
+    if not has_sm80_gemm():
+        return f"{_lib_path} has only the sm_90a GEMMs (API version 1) and this device is {sm}; rebuild the kernels"
+    if xq == "fp8_e4m3" and cap < (8, 9):
+        return f"fp8 e4m3 GEMMs need sm_89 or newer; this device is {sm}"
+    return None
+
+
 def qlinear_route(
     spec: _ref.QLinearSpec, qx: torch.Tensor, out_dtype: torch.dtype, x_scale: torch.Tensor | None = None
 ) -> tuple[GemmRoute | None, str | None]:
@@ -642,8 +721,9 @@ def qlinear_route(
     if qx.device.type != "cuda":
         return None, f"qx is on {qx.device}"
     cap = _capability(qx.device.index if qx.device.index is not None else torch.cuda.current_device())
-    if cap != (9, 0):
-        return None, f"the GEMM is built for sm_90a (Hopper); this device is sm_{cap[0]}{cap[1]}"
+    reason = _arch_reason(cap, xq)
+    if reason is not None:
+        return None, reason
     if spec.k * spec.halves >= 2**31 or spec.n >= 2**31 or math.prod(spec.lead) >= 2**31:
         return None, "a dimension >= 2^31"
     per_token, per_segment = _scale_variation(x_scale)

@@ -32,10 +32,21 @@ def gemm(kernels):
     if not kernels.has_gemm():
         pytest.fail(f"{kernels.library_path()} has no sq_gemm: was kernels_cuda/src/gemm_sm90*.cu built?")
     cap = torch.cuda.get_device_capability()
-    if cap != (9, 0):
-        pytest.skip(f"sq_gemm runs on sm_90 only; this device is sm_{cap[0]}{cap[1]}")
+    if cap != (9, 0) and not (cap >= (8, 0) and kernels.has_sm80_gemm()):
+        pytest.skip(
+            f"sq_gemm runs on sm_90 (and sm_80+ with the CUTLASS 2 path); this device is sm_{cap[0]}{cap[1]}"
+        )
     assert library.has_cuda_impl("qlinear")
     return kernels
+
+
+@pytest.fixture
+def sm80_path(gemm):
+    """Run the test on the CUTLASS 2 GEMMs (on Hopper too), restoring the automatic choice after."""
+    if not gemm.has_sm80_gemm():
+        pytest.fail(f"{gemm.library_path()} has no sq_set_gemm_path: rebuild the kernels (API version 2)")
+    with gemm.gemm_path("sm80"):
+        yield gemm
 
 
 @pytest.fixture

@@ -539,3 +539,20 @@ def test_library_dynamic_and_dual_checks(real_lib):
         == ck.SQ_ERR_INVALID
     )
     assert b"scale_neg" in real_lib.sq_last_error()
+
+
+def test_library_gemm_path_switch(real_lib):
+    if not hasattr(real_lib, "sq_set_gemm_path"):
+        pytest.skip("library built before API version 2")
+    assert real_lib.sq_set_gemm_path(ck.GEMM_PATHS["sm80"]) == ck.GEMM_PATHS["auto"]
+    assert real_lib.sq_set_gemm_path(7) == ck.GEMM_PATHS["sm80"]  # unknown values only read the setting
+    assert real_lib.sq_set_gemm_path(ck.GEMM_PATHS["auto"]) == ck.GEMM_PATHS["sm80"]
+
+
+def test_library_gemm_without_a_device_is_an_arch_error(real_lib):
+    if torch.cuda.is_available():
+        pytest.skip("this checks the no-device answer")
+    status = real_lib.sq_gemm(16, 16, ck.SQ_INT8, 16, ck.SQ_BF16, 8, 8, 16, 16, 16, None, None, 0, None)
+    assert status == ck.SQ_ERR_ARCH
+    if hasattr(real_lib, "sq_set_gemm_path"):
+        assert b"no current CUDA device" in real_lib.sq_last_error()
