@@ -133,6 +133,11 @@ class _DtypeShortcuts:
         return self.to(torch.float32)
 
 
+def spec_child(spec: Any, i: int) -> Any:
+    """Child ``i`` of a pytree ``TreeSpec`` (``child()`` on torch 2.13+, ``children_specs`` before)."""
+    return spec.child(i) if hasattr(spec, "child") else spec.children_specs[i]
+
+
 class QuantizedModel(_DtypeShortcuts, torch.nn.Module):
     """A quantized model: the rewritten graph plus the original calling convention.
 
@@ -167,7 +172,7 @@ class QuantizedModel(_DtypeShortcuts, torch.nn.Module):
         self.meta = dict(meta or {})
         in_spec = getattr(graph_module, "_in_spec", None)
         self._input_names: tuple[str, ...] = (
-            tuple(in_spec.children_specs[1].context) if in_spec is not None and in_spec.num_children == 2 else ()
+            tuple(spec_child(in_spec, 1).context) if in_spec is not None and in_spec.num_children == 2 else ()
         )
         for k, v in (attributes or {}).items():
             if k not in ("training",) and not k.startswith("_"):

@@ -48,6 +48,7 @@ import safetensors.torch as st
 import torch
 
 from segquant_fx.errors import SegQuantError, SerializationError
+from segquant_fx.quantized import spec_child
 
 __all__ = ["save_quantized", "load_quantized", "FORMAT", "FORMAT_VERSION", "JSON_NAME", "WEIGHTS_NAME"]
 
@@ -421,10 +422,6 @@ def _swap_into_place(tmp: Path, target: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def _child(spec: Any, i: int) -> Any:
-    return spec.child(i) if hasattr(spec, "child") else spec.children_specs[i]
-
-
 def _build_document(qmodel: Any) -> dict[str, Any]:
     meta = dict(getattr(qmodel, "meta", {}) or {})
     if "config" not in meta:
@@ -432,7 +429,7 @@ def _build_document(qmodel: Any) -> dict[str, Any]:
     if "example_kwargs" not in meta:
         raise SerializationError("the quantized model has no meta['example_kwargs'] (the capture example spec)")
     in_spec = getattr(qmodel.graph_module, "_in_spec", None)
-    if in_spec is not None and in_spec.num_children == 2 and _child(in_spec, 0).num_children:
+    if in_spec is not None and in_spec.num_children == 2 and spec_child(in_spec, 0).num_children:
         raise SerializationError("models captured with positional-only inputs cannot be saved yet")
     return {
         "format": FORMAT,
