@@ -11,7 +11,8 @@
 //    the same int8 bytes, and y must match the exact integer GEMM scaled in double precision
 //    (relative error ||y - ref|| / ||ref|| <= 5e-3 for a bf16 output: bf16 rounding alone is ~1e-3).
 //
-// Prints the errors and PASS or FAIL; the exit code is 0 only on PASS.
+// Prints the errors and PASS or FAIL; the exit code is 0 only on PASS. `--path sm80` runs the CUTLASS 2
+// GEMMs (sm_80 / sm_89 kernels; also on sm_90), `--path sm90` only the sm_90a ones (default: auto).
 //
 // Build (after `segquant-fx build-kernels`), from the repository root:
 //   nvcc -O2 -std=c++17 -Ikernels_cuda/include kernels_cuda/examples/gemm_example.cpp \
@@ -78,15 +79,19 @@ int main(int argc, char** argv) {
   int64_t M = 77, N = 1024, K = 3072;  // M deliberately not a multiple of any tile size
   uint64_t seed = static_cast<uint64_t>(std::chrono::steady_clock::now().time_since_epoch().count());
   int pos = 0;
+  sq_gemm_path path = SQ_PATH_AUTO;
   for (int i = 1; i < argc; ++i) {
     if (std::strcmp(argv[i], "--seed") == 0 && i + 1 < argc) {
       seed = std::strtoull(argv[++i], nullptr, 10);
+    } else if (std::strcmp(argv[i], "--path") == 0 && i + 1 < argc) {  // auto | sm90 | sm80
+      const char* p = argv[++i];
+      path = std::strcmp(p, "sm80") == 0 ? SQ_PATH_SM80 : std::strcmp(p, "sm90") == 0 ? SQ_PATH_SM90 : SQ_PATH_AUTO;
     } else if (pos < 3) {
       int64_t v = std::strtoll(argv[i], nullptr, 10);
       (pos == 0 ? M : pos == 1 ? N : K) = v;
       ++pos;
     } else {
-      std::fprintf(stderr, "usage: %s [M N K] [--seed S]\n", argv[0]);
+      std::fprintf(stderr, "usage: %s [M N K] [--seed S] [--path auto|sm90|sm80]\n", argv[0]);
       return 2;
     }
   }
@@ -95,8 +100,9 @@ int main(int argc, char** argv) {
                  (long long)M, (long long)N, (long long)K);
     return 2;
   }
-  std::printf("segquant_kernels API %d; M=%lld N=%lld K=%lld seed=%llu\n", sq_api_version(), (long long)M,
-              (long long)N, (long long)K, (unsigned long long)seed);
+  sq_set_gemm_path(path);
+  std::printf("segquant_kernels API %d; M=%lld N=%lld K=%lld seed=%llu gemm path %d\n", sq_api_version(),
+              (long long)M, (long long)N, (long long)K, (unsigned long long)seed, (int)path);
 
   int dev = 0;
   cudaDeviceProp prop{};

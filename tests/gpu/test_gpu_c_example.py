@@ -50,12 +50,19 @@ def _example_binary(kernels) -> str:
     return str(out)
 
 
-@pytest.mark.parametrize("shape", [[], ["1", "3072", "3072"], ["333", "768", "1536"]], ids=str)
+@pytest.mark.parametrize(
+    "shape",
+    [[], ["1", "3072", "3072"], ["333", "768", "1536"], ["77", "1024", "3072", "--path", "sm80"]],
+    ids=str,
+)
 def test_c_example_passes(kernels, shape):
     if not kernels.has_gemm():
         pytest.fail("the library has no sq_gemm; the example needs it")
-    if torch.cuda.get_device_capability() != (9, 0):
-        pytest.skip("sq_gemm runs on sm_90 only")
+    cap = torch.cuda.get_device_capability()
+    if "sm80" in shape and cap < (8, 0):
+        pytest.skip("the CUTLASS 2 path needs sm_80+")
+    if "sm80" not in shape and cap != (9, 0) and not kernels.has_sm80_gemm():
+        pytest.skip("this library's sq_gemm runs on sm_90 only")
     binary = _example_binary(kernels)
     proc = subprocess.run([binary, *shape], capture_output=True, text=True, timeout=300, check=False)
     print(proc.stdout, proc.stderr)
