@@ -16,10 +16,17 @@ Choices, pinned here and in ``tests/unit/test_capture.py``:
   torch (0/1 specialization), so a batch-1 example is captured with its batch dim doubled (tensors
   whose dim 0 equals the example batch are repeated); the graph then accepts any batch >= 1 at run
   time. If that fails, the original example is captured and the batch stays static (with a warning).
+* **Shape branches.** A Python branch on a dynamic size (diffusers' ``Upsample2D`` calls ``.contiguous()``
+  when the batch is >= 64) leaves the exported program an upper bound on that size (batch <= 63) and
+  guards that reject larger inputs. For each such bound the model is exported again just past it; when
+  both graphs run the same ops (ignoring layout-only ops: ``contiguous``, ``clone``, metadata asserts and
+  symbolic-size arithmetic) the bound is dropped, with the guards only it made fail. Otherwise the bound
+  stays and a warning names the input and the range the captured graph accepts.
 """
 
 from __future__ import annotations
 
+import functools
 import inspect
 import os
 import traceback
@@ -157,6 +164,182 @@ def _double_batch(tree: Any) -> Any:
         return x
 
     return pytree.tree_map(double, tree)
+
+
+# Ops that change only layout or check metadata, and symbolic-size bookkeeping: a graph that differs from
+# another only in these computes the same values.
+_LAYOUT_ONLY = frozenset(
+    {
+        "aten.contiguous.default",
+        "aten.clone.default",
+        "aten.alias.default",
+        "aten._assert_tensor_metadata.default",
+        "aten._assert_scalar.default",
+        "aten.sym_constrain_range_for_size.default",
+        "aten.sym_constrain_range.default",
+    }
+)
+
+
+def _op_sequence(ep: torch.export.ExportedProgram) -> list[str]:
+    out = []
+    for n in ep.graph.nodes:
+        if n.op != "call_function":
+            continue
+        name = str(n.target)
+        if name in _LAYOUT_ONLY or name.startswith(("aten.sym_", "_operator.", "<built-in function")):
+            continue
+        if "sym_size" in name or "sym_numel" in name or "sym_stride" in name:
+            continue
+        if name == "aten.slice.Tensor" and _full_slice(n):  # x[:, ...]: kept or elided by shape
+            continue
+        out.append(name)
+    return out
+
+
+def _full_slice(n: fx.Node) -> bool:
+    """Whether an ``aten.slice.Tensor`` node takes the whole dim (start 0, open end, step 1)."""
+    a = list(n.args) + [None] * (5 - len(n.args))
+    start, end, step = n.kwargs.get("start", a[2]), n.kwargs.get("end", a[3]), n.kwargs.get("step", a[4])
+    return (
+        start in (0, None) and (end is None or (isinstance(end, int) and end >= 2**62)) and step in (1, None)
+    )
+
+
+def _tensor_leaves_with_placeholders(
+    ep: torch.export.ExportedProgram, args: tuple, kwargs: dict
+) -> list[tuple[Any, torch.Tensor, Any]] | None:
+    """(pytree path, example tensor, placeholder value) for every tensor input, or None if they do not align."""
+    leaves = [
+        (p, v) for p, v in pytree.tree_flatten_with_path((args, kwargs))[0] if isinstance(v, torch.Tensor)
+    ]
+    user = set(ep.graph_signature.user_inputs)
+    vals = [
+        n.meta.get("val")
+        for n in ep.graph.nodes
+        if n.op == "placeholder" and n.name in user and isinstance(n.meta.get("val"), torch.Tensor)
+    ]
+    # compare by hint: comparing a SymInt with an int would add a guard and specialize the program
+    if len(vals) != len(leaves) or any(
+        tuple(_size_hint(d) for d in v.shape) != tuple(t.shape)
+        for (_, t), v in zip(leaves, vals, strict=True)
+    ):
+        return None
+    return [(p, t, v) for (p, t), v in zip(leaves, vals, strict=True)]
+
+
+def _size_hint(d: Any) -> Any:
+    """The example value of a (Sym)Int size, without guarding on it."""
+    return d.node.hint if isinstance(d, torch.SymInt) else d
+
+
+def _tile_to(x: torch.Tensor, dim: int, size: int) -> torch.Tensor:
+    """``x`` repeated along ``dim`` and cut to ``size`` (real values, so the model runs as with real data)."""
+    reps = -(-size // x.shape[dim])
+    return torch.cat([x] * reps, dim=dim).narrow(dim, 0, size)
+
+
+def _guard_holds(code: str, inputs: dict[str, Any]) -> bool | None:
+    """Evaluate one export guard (Python over ``L[...]``) on ``inputs``; None if it cannot be evaluated."""
+    import math
+
+    from torch.fx.experimental.symbolic_shapes import SYMPY_INTERP
+
+    try:
+        return bool(eval(code, {**SYMPY_INTERP, "math": math, "inf": float("inf"), "L": inputs}))  # noqa: S307
+    except Exception:  # noqa: BLE001 - a guard we cannot read is kept as it is
+        return None
+
+
+def _widen_shape_branch_bounds(
+    model: torch.nn.Module, ep: torch.export.ExportedProgram, args: tuple, kwargs: dict, name: str
+) -> None:
+    """Drop upper bounds that only a layout branch put on a dynamic size (see the module docstring)."""
+    from torch.utils._sympy.numbers import int_oo
+    from torch.utils._sympy.value_ranges import ValueRanges
+
+    bounded = [
+        (sym, vr)
+        for sym, vr in ep.range_constraints.items()
+        if vr.upper is not int_oo and vr.upper != int_oo and int(vr.upper) < 2**20
+    ]
+    if not bounded:
+        return
+    aligned = _tensor_leaves_with_placeholders(ep, args, kwargs)
+    base_ops = _op_sequence(ep)
+    for sym, vr in bounded:
+        upper = int(vr.upper)
+        where = (
+            []
+            if aligned is None
+            else [
+                (path, i)
+                for path, _, val in aligned
+                for i, d in enumerate(val.shape)
+                if isinstance(d, torch.SymInt) and d.node.expr == sym
+            ]
+        )
+        what = ", ".join(f"{_input_name(p)}.shape[{i}]" for p, i in where) or str(sym)
+        kept = f"{name}: the captured graph accepts {what} <= {upper} only (a Python branch on that size)"
+        if not where:
+            warnings.warn(kept, stacklevel=3)
+            continue
+        # Also the dims export gave a symbol of their own but that hold the same example size on the
+        # same axis (diffusers' time_ids batch is not tied to the sample batch): they must grow together.
+        hint = next(_size_hint(val.shape[i]) for path, _, val in aligned for p, i in where[:1] if p == path)
+        axes = {i for _, i in where}
+        targets = {(pytree.keystr(p), i) for p, i in where} | {
+            (pytree.keystr(path), i)
+            for path, _, val in aligned
+            for i, d in enumerate(val.shape)
+            if i in axes and isinstance(d, torch.SymInt) and _size_hint(d) == hint
+        }
+        big_args, big_kwargs = pytree.tree_map_with_path(
+            functools.partial(_grow, targets=targets, size=upper + 1), (args, kwargs)
+        )
+        try:
+            ep_big = _export(model, big_args, big_kwargs, dynamic=True)
+        except Exception as e:  # noqa: BLE001 - the bound stays, with the reason
+            warnings.warn(f"{kept}; capturing past it failed ({type(e).__name__})", stacklevel=3)
+            continue
+        if _op_sequence(ep_big) != base_ops:
+            warnings.warn(
+                f"{kept}: past it the model runs other ops; capture with a larger example", stacklevel=3
+            )
+            continue
+        ep.range_constraints[sym] = ValueRanges(vr.lower, int_oo)
+        guards = getattr(ep, "_guards_code", None)
+        if isinstance(guards, list):
+            named = _guard_inputs(model, big_args, big_kwargs)
+            ep._guards_code = [g for g in guards if _guard_holds(g, named) is not False]
+
+
+def _input_name(path: Any) -> str:
+    """``added_cond_kwargs['text_embeds']`` for the pytree path of an ``(args, kwargs)`` leaf."""
+    if len(path) >= 2 and getattr(path[0], "idx", None) == 1 and hasattr(path[1], "key"):
+        return str(path[1].key) + pytree.keystr(path[2:])
+    if len(path) >= 2 and getattr(path[0], "idx", None) == 0:
+        return f"args{pytree.keystr(path[1:])}"
+    return pytree.keystr(path)
+
+
+def _grow(path: Any, x: Any, *, targets: set[tuple[str, int]], size: int) -> Any:
+    """``x`` tiled to ``size`` along each of its dims listed in ``targets`` (by pytree path)."""
+    if not isinstance(x, torch.Tensor):
+        return x
+    for i in range(x.dim()):
+        if (pytree.keystr(path), i) in targets:
+            x = _tile_to(x, i, size)
+    return x
+
+
+def _guard_inputs(model: torch.nn.Module, args: tuple, kwargs: dict) -> dict[str, Any]:
+    """The inputs by parameter name, as export's guard code addresses them (``L['sample']``)."""
+    try:
+        bound = inspect.signature(model.forward).bind_partial(*args, **kwargs)
+        return dict(bound.arguments)
+    except (TypeError, ValueError):
+        return dict(kwargs)
 
 
 def _feature_dim(ndim: int) -> int | None:
@@ -351,6 +534,9 @@ def capture(
                     "of the captured graph is fixed to 1",
                     stacklevel=2,
                 )
+        if dynamic and dynamic_shapes is None:
+            used = (_double_batch(args), _double_batch(kwargs)) if doubled else (args, kwargs)
+            _widen_shape_branch_bounds(model, ep, *_kwargs_for_export(model, *used), name)
     finally:
         model.train(was_training)
 

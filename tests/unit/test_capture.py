@@ -108,7 +108,10 @@ def test_plain_module_positional_and_args_kwargs_forms():
     x = torch.randn(3, 4)
     for ex in [(x,), {"x": x}, ((x,), {"scale": 2.0}), x]:
         cm = capture(m, ex)
-        assert {node_module(n) for n in cm.graph.nodes if n.target == torch.ops.aten.linear.default} == {"a", "b"}
+        assert {node_module(n) for n in cm.graph.nodes if n.target == torch.ops.aten.linear.default} == {
+            "a",
+            "b",
+        }
     assert m.training  # mode restored
     cm = capture(m, ((x,), {"bias": torch.randn(3, 2)}))
     assert "bias" in cm.dynamic_dims or cm.graph is not None
@@ -146,3 +149,90 @@ def test_uncapturable_model_names_source_line_and_remedy():
     assert "DataDependent" in msg
     assert "test_capture.py" in msg and "x.sum() > 0" in msg
     assert "what you can do:" in msg
+
+
+# ---- shape branches: upper bounds on dynamic sizes -------------------------------------------------
+
+
+class _LayoutBranch(torch.nn.Module):
+    """diffusers' Upsample2D pattern: a layout-only branch on the batch size."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = torch.nn.Linear(8, 8)
+
+    def forward(self, x):
+        if x.shape[0] >= 4:
+            x = x.contiguous()
+        return self.lin(x)[:, :]
+
+
+class _ValueBranch(torch.nn.Module):
+    """A branch that changes the result past the bound: the bound must stay."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = torch.nn.Linear(8, 8)
+
+    def forward(self, x):
+        if x.shape[0] >= 4:
+            x = x * 2
+        return self.lin(x)
+
+
+def _bounded(cm):
+    from torch.utils._sympy.numbers import int_oo
+
+    return {str(s): int(vr.upper) for s, vr in cm.exported.range_constraints.items() if vr.upper != int_oo}
+
+
+def test_layout_only_shape_branch_does_not_bound_the_batch(recwarn):
+    m = _LayoutBranch().eval()
+    cm = capture(m, (torch.randn(2, 8),))
+    assert _bounded(cm) == {}
+    assert not [w for w in recwarn if "accepts" in str(w.message)]
+    gm = cm.exported.module()
+    for b in (2, 3, 4, 9):
+        x = torch.randn(b, 8)
+        torch.testing.assert_close(gm(x=x), m(x))
+
+
+def test_value_changing_shape_branch_keeps_the_bound_and_says_so():
+    m = _ValueBranch().eval()
+    with pytest.warns(UserWarning, match=r"accepts x\.shape\[0\] <= 3 only .*runs other ops"):
+        cm = capture(m, (torch.randn(2, 8),))
+    assert list(_bounded(cm).values()) == [3]
+    gm = cm.exported.module()
+    x = torch.randn(3, 8)
+    torch.testing.assert_close(gm(x=x), m(x))
+    with pytest.raises(AssertionError, match="Guard failed"):
+        gm(x=torch.randn(4, 8))
+
+
+def test_builtin_unet_runs_past_its_upsample_batch_branch():
+    """The trained UNet's Upsample2D branches at batch 64: the quantized graph must still take batch 64+."""
+    from segquant_fx.t2i.models import builtin_weights_dir, load_builtin
+
+    if not (builtin_weights_dir("unet") / "backbone.safetensors").is_file():
+        pytest.skip("no built-in UNet weights")
+    b = load_builtin("unet")
+    g = torch.Generator().manual_seed(0)
+    ex = {
+        "sample": torch.randn(2, 3, 32, 32, generator=g),
+        "timestep": torch.tensor([10.0, 500.0]),
+        "encoder_hidden_states": torch.randn(2, 24, 128, generator=g),
+        "added_cond_kwargs": {
+            "text_embeds": torch.randn(2, 128, generator=g),
+            "time_ids": torch.ones(2, 6) * 32,
+        },
+    }
+    cm = capture(b.backbone, ex)
+    assert _bounded(cm) == {}
+    big = pytree.tree_map(
+        lambda t: t.repeat(33, *([1] * (t.dim() - 1))) if isinstance(t, torch.Tensor) else t, ex
+    )
+    with torch.no_grad():
+        got = cm.exported.module()(**big)[0]
+        want = b.backbone(**big)[0]
+    assert got.shape[0] == 66
+    torch.testing.assert_close(got, want)
