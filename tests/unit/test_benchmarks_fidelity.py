@@ -6,10 +6,10 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
-import sys
 from pathlib import Path
 
 import pytest
+from _utils.bench import load_benchmark
 
 from segquant_fx.config import QuantizeConfig
 from segquant_fx.errors import ConfigError
@@ -17,17 +17,7 @@ from segquant_fx.errors import ConfigError
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def _load():
-    name = "_bench_fidelity"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / "fidelity.py")
-        mod = importlib.util.module_from_spec(spec)
-        sys.modules[name] = mod  # dataclasses look their module up while the class is built
-        spec.loader.exec_module(mod)
-    return sys.modules[name]
-
-
-fidelity = _load()
+fidelity = load_benchmark("fidelity")
 METHODS = {m.id: m for m in fidelity.METHODS}
 
 

@@ -2,28 +2,13 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import pytest
 import torch
+from _utils.bench import load_benchmark
 
-ROOT = Path(__file__).resolve().parents[2]
-
-
-def _load():
-    name = "_bench_segment_stats"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / "segment_stats.py")
-        mod = importlib.util.module_from_spec(spec)
-        sys.modules[name] = mod
-        spec.loader.exec_module(mod)
-    return sys.modules[name]
-
-
-ss = _load()
+ss = load_benchmark("segment_stats")
 
 
 def _data(seed=0, rows=512, k=64, n=32):

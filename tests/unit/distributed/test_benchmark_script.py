@@ -3,31 +3,16 @@ real one-process run of the worker (gloo, tiny-sd3) so the script is known to wo
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import socket
 import subprocess
-import sys
-from pathlib import Path
 from unittest import mock
 
 import torch
+from _utils.bench import load_benchmark
 
-ROOT = Path(__file__).resolve().parents[3]
-
-
-def _load():
-    name = "_bench_distributed_calib"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / "distributed_calib.py")
-        mod = importlib.util.module_from_spec(spec)
-        sys.modules[name] = mod
-        spec.loader.exec_module(mod)
-    return sys.modules[name]
-
-
-bench = _load()
+bench = load_benchmark("distributed_calib")
 
 
 def _result(n: int, generate: float, quantize: float, digest: str = "a") -> dict:
