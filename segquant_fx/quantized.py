@@ -45,7 +45,9 @@ __all__ = [
 ]
 
 #: Buffer names the rewrite owns: never dtype-converted by ``.to(dtype)``.
-PROTECTED_BUFFERS = frozenset({"qweight", "w_scale", "x_scale", "x_scale_pos", "x_scale_neg", "smooth", "weight_hat"})
+PROTECTED_BUFFERS = frozenset(
+    {"qweight", "w_scale", "x_scale", "x_scale_pos", "x_scale_neg", "smooth", "weight_hat"}
+)
 _OUT_DTYPE_ARG = {"qlinear": 10, "dequantize": 4}
 
 
@@ -174,6 +176,7 @@ class QuantizedModel(_DtypeShortcuts, torch.nn.Module):
         self._input_names: tuple[str, ...] = (
             tuple(spec_child(in_spec, 1).context) if in_spec is not None and in_spec.num_children == 2 else ()
         )
+        self._batch_vectors = _batch_vector_inputs(graph_module, self._input_names)
         for k, v in (attributes or {}).items():
             if k not in ("training",) and not k.startswith("_"):
                 object.__setattr__(self, k, v)
@@ -200,9 +203,13 @@ class QuantizedModel(_DtypeShortcuts, torch.nn.Module):
             else:
                 p = self._signature.parameters.get(name)
                 call[name] = p.default if p is not None and p.default is not inspect.Parameter.empty else None
+        if self._batch_vectors:
+            _broadcast_batch_vectors(call, self._batch_vectors)
         for name, value in given.items():
             default = self._signature.parameters[name].default
             captured = self._constants.get(name, default)
+            if _none_or_empty(value) and (_none_or_empty(captured) or _none_or_empty(default)):
+                continue  # joint_attention_kwargs={} and =None mean the same to diffusers models
             if not same_constant(value, captured) and not same_constant(value, default):
                 raise SegQuantError(
                     f"argument {name!r}={_short(value)} differs from the value the model was captured with "
@@ -254,7 +261,12 @@ class QuantizedModel(_DtypeShortcuts, torch.nn.Module):
         """Activation dtype the graph computes in (that of its float parameters)."""
         for mod in self.graph_module.modules():
             for name, t in list(mod._parameters.items()) + list(mod._buffers.items()):
-                if t is not None and name not in PROTECTED_BUFFERS and t.is_floating_point() and t.element_size() > 1:
+                if (
+                    t is not None
+                    and name not in PROTECTED_BUFFERS
+                    and t.is_floating_point()
+                    and t.element_size() > 1
+                ):
                     return t.dtype
         return torch.float32
 
@@ -274,10 +286,17 @@ class QuantizedModel(_DtypeShortcuts, torch.nn.Module):
         for mod in self.graph_module.modules():
             for store in (mod._parameters, mod._buffers):
                 for name, t in store.items():
-                    if t is None or name in PROTECTED_BUFFERS or not t.is_floating_point() or t.element_size() == 1:
+                    if (
+                        t is None
+                        or name in PROTECTED_BUFFERS
+                        or not t.is_floating_point()
+                        or t.element_size() == 1
+                    ):
                         continue
                     new = t.detach().to(dtype)
-                    store[name] = torch.nn.Parameter(new, t.requires_grad) if isinstance(t, torch.nn.Parameter) else new
+                    store[name] = (
+                        torch.nn.Parameter(new, t.requires_grad) if isinstance(t, torch.nn.Parameter) else new
+                    )
         g = self.graph_module.graph
         old = self.dtype_captured
         for node in g.nodes:
@@ -324,7 +343,10 @@ class QuantizedModel(_DtypeShortcuts, torch.nn.Module):
     # ---- reports ------------------------------------------------------------------------------
     def report(self) -> str:
         """Markdown table of every quantized layer: patterns, segments, formats."""
-        lines = ["| layer | patterns | act | weight | input segs | output segs | DualScale | smooth |", "|---|---|---|---|---|---|---|---|"]
+        lines = [
+            "| layer | patterns | act | weight | input segs | output segs | DualScale | smooth |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
         for name, p in self.plan.items():
             lines.append(
                 f"| {name} | {', '.join(p['patterns']) or '-'} | {p['act']}{' dyn' if p['act_dynamic'] else ''} | "
@@ -396,6 +418,59 @@ def _segs(s: Any) -> str:
     return f"{len(s)}x{s[0]}" if len(set(s)) == 1 else "+".join(map(str, s))
 
 
+def _batch_vector_inputs(gm: fx.GraphModule, names: Sequence[str]) -> dict[str, torch.dtype]:
+    """Inputs captured as a 1-D tensor along the batch (a per-sample ``timestep``): name -> dtype.
+
+    The batch is the dynamic leading dim of the graph's first >= 2-D input; a 1-D input whose only dim is
+    that same symbol is a per-sample vector, which diffusers models also accept as a 0-d tensor or a number.
+    """
+    vals = {n.name: n.meta.get("val") for n in gm.graph.nodes if n.op == "placeholder"}
+    # the first >= 2-D input's leading dim is the batch (as _broadcast_batch_vectors reads it); other 2-D
+    # inputs may lead with tokens (FLUX's img_ids)
+    first = next((v for v in vals.values() if isinstance(v, torch.Tensor) and v.dim() >= 2), None)
+    batch_syms = (
+        {first.shape[0].node.expr}
+        if first is not None and isinstance(first.shape[0], torch.SymInt)
+        else set()
+    )
+    out: dict[str, torch.dtype] = {}
+    for name in names:
+        v = vals.get(name)
+        if (
+            isinstance(v, torch.Tensor)
+            and v.dim() == 1
+            and isinstance(v.shape[0], torch.SymInt)
+            and v.shape[0].node.expr in batch_syms
+        ):
+            out[name] = v.dtype
+    return out
+
+
+def _broadcast_batch_vectors(call: dict[str, Any], vectors: Mapping[str, torch.dtype]) -> None:
+    """A 0-d tensor or a Python number given for a per-sample vector input -> that value for every sample.
+
+    diffusers pipelines pass the UNet's timestep as a 0-d tensor (``unet(latents, t, ...)``) and the models
+    broadcast it with ``timesteps.expand(sample.shape[0])``; the captured graph needs the 1-D form.
+    """
+    lead = next(
+        (v for v in pytree.tree_leaves(call) if isinstance(v, torch.Tensor) and v.dim() >= 2),
+        None,
+    )
+    if lead is None:
+        return
+    batch = lead.shape[0]
+    for name, dtype in vectors.items():
+        v = call.get(name)
+        if isinstance(v, torch.Tensor) and v.dim() == 0:
+            call[name] = v.expand(batch)
+        elif isinstance(v, (int, float)) and not isinstance(v, bool):
+            call[name] = torch.full((batch,), v, dtype=dtype, device=lead.device)
+
+
+def _none_or_empty(v: Any) -> bool:
+    return v is None or (isinstance(v, Mapping) and len(v) == 0)
+
+
 def same_constant(a: Any, b: Any) -> bool:
     """Whether two non-tensor argument values are equal (tensors never count as equal constants)."""
     try:
@@ -407,5 +482,9 @@ def same_constant(a: Any, b: Any) -> bool:
 
 
 def _short(v: Any) -> str:
-    r = repr(v) if not pytree.tree_leaves(v) or not isinstance(pytree.tree_leaves(v)[0], torch.Tensor) else type(v).__name__
+    r = (
+        repr(v)
+        if not pytree.tree_leaves(v) or not isinstance(pytree.tree_leaves(v)[0], torch.Tensor)
+        else type(v).__name__
+    )
     return r if len(r) < 60 else r[:57] + "..."
