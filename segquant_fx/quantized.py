@@ -177,6 +177,7 @@ class QuantizedModel(_DtypeShortcuts, torch.nn.Module):
             tuple(spec_child(in_spec, 1).context) if in_spec is not None and in_spec.num_children == 2 else ()
         )
         self._batch_vectors = _batch_vector_inputs(graph_module, self._input_names)
+        self._scalar_inputs = _scalar_tensor_inputs(graph_module, self._input_names)
         for k, v in (attributes or {}).items():
             if k not in ("training",) and not k.startswith("_"):
                 object.__setattr__(self, k, v)
@@ -205,6 +206,8 @@ class QuantizedModel(_DtypeShortcuts, torch.nn.Module):
                 call[name] = p.default if p is not None and p.default is not inspect.Parameter.empty else None
         if self._batch_vectors:
             _broadcast_batch_vectors(call, self._batch_vectors)
+        if self._scalar_inputs:
+            _fit_scalar_inputs(call, self._scalar_inputs)
         for name, value in given.items():
             default = self._signature.parameters[name].default
             captured = self._constants.get(name, default)
@@ -465,6 +468,33 @@ def _broadcast_batch_vectors(call: dict[str, Any], vectors: Mapping[str, torch.d
             call[name] = v.expand(batch)
         elif isinstance(v, (int, float)) and not isinstance(v, bool):
             call[name] = torch.full((batch,), v, dtype=dtype, device=lead.device)
+
+
+def _scalar_tensor_inputs(gm: fx.GraphModule, names: Sequence[str]) -> frozenset[str]:
+    """Inputs captured as 0-d tensors (a pipeline's scalar ``timestep``)."""
+    vals = {n.name: n.meta.get("val") for n in gm.graph.nodes if n.op == "placeholder"}
+    return frozenset(n for n in names if isinstance(vals.get(n), torch.Tensor) and vals[n].dim() == 0)
+
+
+def _fit_scalar_inputs(call: dict[str, Any], scalars: frozenset[str]) -> None:
+    """A 1-D value for an input captured 0-d: its common value when all entries agree, else a clear error.
+
+    A model calibrated inside an SDXL pipeline saw ``timestep`` as a 0-d tensor; a caller that expands it
+    per sample (``t.expand(batch)``) means the same thing. Different per-sample values cannot be run by
+    that graph.
+    """
+    for name in scalars:
+        v = call.get(name)
+        if not isinstance(v, torch.Tensor) or v.dim() == 0:
+            continue
+        if v.dim() == 1 and v.numel() >= 1 and not torch.compiler.is_compiling() and bool((v == v[0]).all()):
+            call[name] = v[0]
+            continue
+        raise SegQuantError(
+            f"argument {name!r} has shape {tuple(v.shape)}, but the model was captured with a 0-d {name!r} "
+            f"(the same value for every sample); pass one value, or quantize again with calibration items "
+            f"whose {name!r} is 1-D to run per-sample values"
+        )
 
 
 def _none_or_empty(v: Any) -> bool:

@@ -63,3 +63,35 @@ def test_empty_joint_attention_kwargs_is_none():
     torch.testing.assert_close(a, c, rtol=0, atol=0)
     with pytest.raises(SegQuantError, match=r"'joint_attention_kwargs'=\{'scale': 0.5\} differs"):
         q(**inputs, joint_attention_kwargs={"scale": 0.5})
+
+
+@pytest.fixture(scope="module")
+def sdxl_scalar_t():
+    """tiny-sdxl calibrated as inside an SDXL pipeline: a 0-d timestep."""
+    import warnings
+
+    import segquant_fx
+
+    model, inputs = build_model("tiny-sdxl", batch_size=2)
+    item = {**inputs, "timestep": inputs["timestep"][0]}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        q = segquant_fx.quantize(model, [item], "w8a8", progress=False)
+    return q, inputs
+
+
+def test_scalar_captured_timestep_takes_an_expanded_one(sdxl_scalar_t):
+    q, inputs = sdxl_scalar_t
+    t = inputs["timestep"][0]
+    with torch.no_grad():
+        want = _out(q(**{**inputs, "timestep": t}))
+        got = _out(q(**{**inputs, "timestep": t.expand(2)}))
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+def test_scalar_captured_timestep_rejects_per_sample_values(sdxl_scalar_t):
+    q, inputs = sdxl_scalar_t
+    with pytest.raises(
+        SegQuantError, match=r"'timestep' has shape \(2,\), but the model was captured with a 0-d"
+    ):
+        q(**{**inputs, "timestep": torch.tensor([10.0, 500.0])})
