@@ -276,19 +276,6 @@ def _num(v: Any) -> float:
     return float("nan") if v is None else float(v)
 
 
-def _atomic_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def run_model(
     args: argparse.Namespace,
     model: str,
@@ -624,7 +611,9 @@ def write_section(path: Path, section: str) -> None:
         end = next((j for j in range(start + 1, len(lines)) if lines[j].startswith("## ")), len(lines))
         tail = "".join(lines[end:])
         new = "".join(lines[:start]) + section + ("\n" + tail if tail else "")
-    _atomic_text(path, new)
+    from segquant_fx.fileio import atomic_write_text
+
+    atomic_write_text(path, new, make_parents=True)
 
 
 def bar_chart(results: dict[str, Any], methods: Sequence[Method], path: Path) -> str | None:
@@ -835,8 +824,10 @@ def main(argv: list[str] | None = None) -> int:
             "command": "python3 benchmarks/fidelity.py " + " ".join(sys.argv[1:] if argv is None else argv),
         }
 
+        from segquant_fx.fileio import atomic_write_text
+
         def save() -> None:
-            _atomic_text(json_path, json.dumps(_jsonable(results), indent=1) + "\n")
+            atomic_write_text(json_path, json.dumps(_jsonable(results), indent=1) + "\n", make_parents=True)
 
         t0 = time.perf_counter()
         for model in models:

@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import sys
 import time
 from collections import defaultdict
@@ -267,13 +266,6 @@ def markdown(result: dict[str, Any], command: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--model", default="mmdit", help="built-in model: mmdit, unet or flux")
@@ -291,9 +283,13 @@ def main(argv: list[str] | None = None) -> int:
     md = markdown(result, command)
     print(md)
     if args.out:
+        from segquant_fx.fileio import atomic_write_text
+
         out = Path(args.out)
-        _atomic_write(out / f"segment_stats_{args.model}.json", json.dumps(result, indent=1))
-        _atomic_write(out / f"segment_stats_{args.model}.md", md)
+        atomic_write_text(
+            out / f"segment_stats_{args.model}.json", json.dumps(result, indent=1), make_parents=True
+        )
+        atomic_write_text(out / f"segment_stats_{args.model}.md", md, make_parents=True)
     return 0
 
 

@@ -49,6 +49,7 @@ from typing import Any
 import torch
 
 from segquant_fx.errors import ConfigError, SerializationError
+from segquant_fx.fileio import atomic_write_bytes, atomic_write_text
 
 __all__ = [
     "DEMO_PROMPTS",
@@ -423,24 +424,6 @@ def chance_level(n: int = CHANCE_SCENES) -> dict[str, float]:
 # --------------------------------------------------------------------------------------------------
 
 
-def _atomic_bytes(path: Path, payload: bytes) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(payload)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
-
-
-def _atomic_text(path: Path, text: str) -> Path:
-    return _atomic_bytes(path, text.encode())
-
-
 def _jsonable(v: Any) -> Any:
     """Non-finite floats become the strings ``"inf"``, ``"-inf"``, ``"nan"`` (JSON has no such numbers)."""
     if isinstance(v, float) and not math.isfinite(v):
@@ -543,7 +526,7 @@ def export_backbone_onnx(qmodel: Any, path: Path) -> dict[str, Any]:
         msg = f"{type(e).__name__}: {e}"
         if isinstance(e, ImportError):
             msg += "\n(install the ONNX extra: pip install -e '.[onnx]')"
-        _atomic_text(err_path, msg + "\n")
+        atomic_write_text(err_path, msg + "\n", make_parents=True)
         return {"ok": False, "error": msg, "seconds": round(time.perf_counter() - t0, 2)}
     err_path.unlink(missing_ok=True)
     return {
@@ -790,15 +773,15 @@ def run_demo(settings: DemoSettings | None = None, *, log: Callable[[str], None]
         from segquant_fx.t2i.grid import encode_png
 
         png = encode_png(grid)
-    files["grid"] = _atomic_bytes(out / "grid.png", png)
+    files["grid"] = atomic_write_bytes(out / "grid.png", png, make_parents=True)
     header = f"# Quantization plan: {bundle.name} ({bundle.spec.model_class}), config {config_label}\n\n"
     if s.random_weights:
         header += f"**{SMOKE_BANNER}**\n\n"
-    files["report"] = _atomic_text(out / "report.md", header + qmodel.report())
-    files["metrics_json"] = _atomic_text(
-        out / "metrics.json", json.dumps(_jsonable(metrics), indent=2) + "\n"
+    files["report"] = atomic_write_text(out / "report.md", header + qmodel.report(), make_parents=True)
+    files["metrics_json"] = atomic_write_text(
+        out / "metrics.json", json.dumps(_jsonable(metrics), indent=2) + "\n", make_parents=True
     )
-    files["metrics_md"] = _atomic_text(out / "metrics.md", _metrics_markdown(metrics))
+    files["metrics_md"] = atomic_write_text(out / "metrics.md", _metrics_markdown(metrics), make_parents=True)
     return DemoResult(
         out=out,
         files=files,

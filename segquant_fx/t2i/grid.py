@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import os
 import struct
-import tempfile
 import zlib
 from pathlib import Path
 
 import torch
 
 from segquant_fx.errors import ConfigError
+from segquant_fx.fileio import atomic_write_bytes
 
 __all__ = ["make_grid", "save_png", "encode_png"]
 
@@ -77,16 +77,4 @@ def encode_png(image: torch.Tensor) -> bytes:
 
 def save_png(image: torch.Tensor, path: str | os.PathLike[str]) -> Path:
     """Write ``image`` (``[3, H, W]`` in ``[0, 1]``) to ``path`` atomically; returns the path."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    payload = encode_png(image)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".png", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(payload)
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return atomic_write_bytes(path, encode_png(image), make_parents=True)
