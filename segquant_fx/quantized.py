@@ -176,8 +176,9 @@ class QuantizedModel(_DtypeShortcuts, torch.nn.Module):
         self._input_names: tuple[str, ...] = (
             tuple(spec_child(in_spec, 1).context) if in_spec is not None and in_spec.num_children == 2 else ()
         )
-        self._batch_vectors = _batch_vector_inputs(graph_module, self._input_names)
-        self._scalar_inputs = _scalar_tensor_inputs(graph_module, self._input_names)
+        vals = _placeholder_values(graph_module)
+        self._batch_vectors = _batch_vector_inputs(vals, self._input_names)
+        self._scalar_inputs = _scalar_tensor_inputs(vals, self._input_names)
         for k, v in (attributes or {}).items():
             if k not in ("training",) and not k.startswith("_"):
                 object.__setattr__(self, k, v)
@@ -421,13 +422,17 @@ def _segs(s: Any) -> str:
     return f"{len(s)}x{s[0]}" if len(set(s)) == 1 else "+".join(map(str, s))
 
 
-def _batch_vector_inputs(gm: fx.GraphModule, names: Sequence[str]) -> dict[str, torch.dtype]:
+def _placeholder_values(gm: fx.GraphModule) -> dict[str, Any]:
+    """The captured example value (``meta["val"]``) of each graph input, by placeholder name."""
+    return {n.name: n.meta.get("val") for n in gm.graph.nodes if n.op == "placeholder"}
+
+
+def _batch_vector_inputs(vals: Mapping[str, Any], names: Sequence[str]) -> dict[str, torch.dtype]:
     """Inputs captured as a 1-D tensor along the batch (a per-sample ``timestep``): name -> dtype.
 
     The batch is the dynamic leading dim of the graph's first >= 2-D input; a 1-D input whose only dim is
     that same symbol is a per-sample vector, which diffusers models also accept as a 0-d tensor or a number.
     """
-    vals = {n.name: n.meta.get("val") for n in gm.graph.nodes if n.op == "placeholder"}
     # the first >= 2-D input's leading dim is the batch (as _broadcast_batch_vectors reads it); other 2-D
     # inputs may lead with tokens (FLUX's img_ids)
     first = next((v for v in vals.values() if isinstance(v, torch.Tensor) and v.dim() >= 2), None)
@@ -455,24 +460,26 @@ def _broadcast_batch_vectors(call: dict[str, Any], vectors: Mapping[str, torch.d
     diffusers pipelines pass the UNet's timestep as a 0-d tensor (``unet(latents, t, ...)``) and the models
     broadcast it with ``timesteps.expand(sample.shape[0])``; the captured graph needs the 1-D form.
     """
-    lead = next(
-        (v for v in pytree.tree_leaves(call) if isinstance(v, torch.Tensor) and v.dim() >= 2),
-        None,
-    )
-    if lead is None:
-        return
-    batch = lead.shape[0]
+    lead: torch.Tensor | None = None
     for name, dtype in vectors.items():
         v = call.get(name)
-        if isinstance(v, torch.Tensor) and v.dim() == 0:
-            call[name] = v.expand(batch)
-        elif isinstance(v, (int, float)) and not isinstance(v, bool):
-            call[name] = torch.full((batch,), v, dtype=dtype, device=lead.device)
+        number = isinstance(v, (int, float)) and not isinstance(v, bool)
+        if not (number or (isinstance(v, torch.Tensor) and v.dim() == 0)):
+            continue  # the usual 1-D call: nothing to look up (every forward passes here)
+        if lead is None:
+            lead = next(
+                (t for t in pytree.tree_leaves(call) if isinstance(t, torch.Tensor) and t.dim() >= 2), None
+            )
+            if lead is None:
+                return
+        if number:
+            call[name] = torch.full((lead.shape[0],), v, dtype=dtype, device=lead.device)
+        else:
+            call[name] = v.expand(lead.shape[0])
 
 
-def _scalar_tensor_inputs(gm: fx.GraphModule, names: Sequence[str]) -> frozenset[str]:
+def _scalar_tensor_inputs(vals: Mapping[str, Any], names: Sequence[str]) -> frozenset[str]:
     """Inputs captured as 0-d tensors (a pipeline's scalar ``timestep``)."""
-    vals = {n.name: n.meta.get("val") for n in gm.graph.nodes if n.op == "placeholder"}
     return frozenset(n for n in names if isinstance(vals.get(n), torch.Tensor) and vals[n].dim() == 0)
 
 

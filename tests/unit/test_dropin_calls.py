@@ -10,7 +10,7 @@ from _utils.deploy import quantized_zoo
 
 from segquant_fx.errors import SegQuantError
 from segquant_fx.models.zoo import build_model
-from segquant_fx.quantized import _batch_vector_inputs
+from segquant_fx.quantized import _batch_vector_inputs, _placeholder_values
 
 
 def _out(y):
@@ -47,9 +47,12 @@ def test_unet_takes_a_python_number_timestep(sdxl):
 def test_only_per_sample_vectors_are_broadcast():
     _, q = quantized_zoo("tiny-flux")
     # FLUX: timestep and guidance are per sample; img_ids / txt_ids lead with tokens, not the batch
-    assert set(_batch_vector_inputs(q.graph_module, q._input_names)) == {"timestep", "guidance"}
+    assert set(_batch_vector_inputs(_placeholder_values(q.graph_module), q._input_names)) == {
+        "timestep",
+        "guidance",
+    }
     _, q3 = quantized_zoo("tiny-sd3")
-    assert set(_batch_vector_inputs(q3.graph_module, q3._input_names)) == {"timestep"}
+    assert set(_batch_vector_inputs(_placeholder_values(q3.graph_module), q3._input_names)) == {"timestep"}
 
 
 def test_empty_joint_attention_kwargs_is_none():
