@@ -259,9 +259,7 @@ def _widen_shape_branch_bounds(
     from torch.utils._sympy.value_ranges import ValueRanges
 
     bounded = [
-        (sym, vr)
-        for sym, vr in ep.range_constraints.items()
-        if vr.upper is not int_oo and vr.upper != int_oo and int(vr.upper) < 2**20
+        (sym, vr) for sym, vr in ep.range_constraints.items() if vr.upper != int_oo and int(vr.upper) < 2**20
     ]
     if not bounded:
         return
