@@ -83,9 +83,18 @@ int main(int argc, char** argv) {
   for (int i = 1; i < argc; ++i) {
     if (std::strcmp(argv[i], "--seed") == 0 && i + 1 < argc) {
       seed = std::strtoull(argv[++i], nullptr, 10);
-    } else if (std::strcmp(argv[i], "--path") == 0 && i + 1 < argc) {  // auto | sm90 | sm80
+    } else if (std::strcmp(argv[i], "--path") == 0 && i + 1 < argc) {
       const char* p = argv[++i];
-      path = std::strcmp(p, "sm80") == 0 ? SQ_PATH_SM80 : std::strcmp(p, "sm90") == 0 ? SQ_PATH_SM90 : SQ_PATH_AUTO;
+      if (std::strcmp(p, "auto") == 0) {
+        path = SQ_PATH_AUTO;
+      } else if (std::strcmp(p, "sm90") == 0) {
+        path = SQ_PATH_SM90;
+      } else if (std::strcmp(p, "sm80") == 0) {
+        path = SQ_PATH_SM80;
+      } else {
+        std::fprintf(stderr, "unknown --path %s: use auto, sm90 or sm80\n", p);
+        return 2;
+      }
     } else if (pos < 3) {
       int64_t v = std::strtoll(argv[i], nullptr, 10);
       (pos == 0 ? M : pos == 1 ? N : K) = v;

@@ -49,7 +49,7 @@ extern "C" size_t sq_gemm_segmented_workspace_size(sq_dtype ab_dtype, sq_dtype o
   one.offsets[1] = (int32_t)K;
   if (make_table(ab_dtype, out_dtype, M, N, K, halves, one, nullptr, t) != SQ_OK) return 0;
   if (sq::gemm_target().path == sq::GemmPath::kSm80) {
-    return size_t(M) * size_t(N) * sizeof(float);  // the float32 partial sums of the per-segment loop
+    return segquant::seg_gemm80_workspace(M, N);
   }
   return ab_dtype == SQ_INT8 ? segquant::seg_gemm_workspace_int8(out_dtype, (int)M, (int)N, (int)K, t)
                              : segquant::seg_gemm_workspace_fp8(out_dtype, (int)M, (int)N, (int)K, t);

@@ -176,7 +176,7 @@ template <class ElementAB>
 sq_status run_segmented(const void* A, const void* B, void* D, sq_dtype out, int M, int N, int K,
                         SegTable const& seg, const float* rs, const float* cs, const void* bias, void* ws,
                         size_t ws_size, cudaStream_t s) {
-  const size_t need = size_t(M) * size_t(N) * sizeof(float);
+  const size_t need = seg_gemm80_workspace(M, N);
   if (ws == nullptr || ws_size < need || !sq::aligned(ws, 16)) {
     sq::set_last_error("sq_gemm_segmented (sm_80 path): needs a 16-byte aligned workspace of %zu bytes (got %zu)",
                        need, ws_size);

@@ -16,6 +16,9 @@ sq_status gemm80_run_fp8(const void* A, const void* B, void* D, sq_dtype out, in
 sq_status seg_gemm80_run_int8(const void* A, const void* B, void* D, sq_dtype out, int M, int N, int K,
                               SegTable const& seg, const float* rs, const float* cs, const void* bias, void* ws,
                               size_t ws_size, cudaStream_t stream);
+// Workspace of the CUTLASS 2 segmented GEMM: the float32 [M, N] sum of the scaled segment partials.
+inline size_t seg_gemm80_workspace(int64_t M, int64_t N) { return size_t(M) * size_t(N) * sizeof(float); }
+
 sq_status seg_gemm80_run_fp8(const void* A, const void* B, void* D, sq_dtype out, int M, int N, int K,
                              SegTable const& seg, const float* rs, const float* cs, const void* bias, void* ws,
                              size_t ws_size, cudaStream_t stream);
